@@ -1,0 +1,421 @@
+"""
+Datasets, transforms and loaders: FGVC (5 tasks), VTAB-1k (19 tasks) and the offline `digits` set.
+
+Conventions, and where they come from:
+- FGVC: VPT's split files (src/data/datasets/json_dataset.py). Each dataset folder holds train.json,
+  val.json and test.json, each one JSON object {relative image path: integer label}. VPT remaps labels
+  per split with sorted(set(labels)); we build the map once from train.json and apply it to every split,
+  so a val file that lacks a class cannot shift the other labels.
+- VTAB-1k: the folder layout written by NOAH's data/vtab-source/get_vtab1k.py and read by SA²VP's
+  datasets.py: vtab-1k/<task>/{train800,val200,train800val200,test}.txt, one "<relative path> <label>"
+  per line, labels 0-based and used as they are.
+- digits: scikit-learn's bundled 8x8 handwritten digits (real data, no download), split 800/200/rest
+  like VTAB-1k, upsampled to the model's input size. The offline demo and CI data.
+- Transforms: VPT for FGVC (Resize 256 -> RandomCrop/CenterCrop 224 -> flip when training), SA²VP for
+  VTAB (Resize((224, 224)), no augmentation). mean/std are the caller's choice (ImageNet for
+  VPT/SPT/LSPT, 0.5 for SA²VP).
+
+Nothing is skipped or clamped: a missing folder, a missing or malformed split file, a label out of
+range or an unreadable image raises an error that names the path.
+
+Check a dataset on disk with:  python data.py --check cub --data-root /path/to/data
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
+
+# FGVC: name -> (folder under the data root, image root inside that folder, number of classes).
+# Image path = <root>/<folder>/<image root>/<key of the json file>   (VPT json_dataset.py / SA²VP datasets.py)
+FGVC = {
+    'cub':      ('CUB_200_2011', 'images', 200),
+    'nabirds':  ('nabirds',      'images', 555),
+    'flowers':  ('OxfordFlower', '',       102),
+    'dogs':     ('dogs',         'Images', 120),
+    'cars':     ('cars',         '',       196),
+}
+FGVC_SPLITS = ('train', 'val', 'test')
+
+# VTAB-1k: task folder under <root>/vtab-1k/ -> number of classes (NOAH / SA²VP folder names).
+VTAB = {
+    # natural
+    'cifar': 100, 'caltech101': 102, 'dtd': 47, 'oxford_flowers102': 102, 'oxford_iiit_pet': 37,
+    'svhn': 10, 'sun397': 397,
+    # specialized
+    'patch_camelyon': 2, 'eurosat': 10, 'resisc45': 45, 'diabetic_retinopathy': 5,
+    # structured
+    'clevr_count': 8, 'clevr_dist': 6, 'dmlab': 6, 'kitti': 4, 'dsprites_loc': 16, 'dsprites_ori': 16,
+    'smallnorb_azi': 18, 'smallnorb_ele': 9,
+}
+VTAB_SPLITS = ('train800', 'val200', 'train800val200', 'test')
+SPLIT_ALIASES = {'train': 'train800', 'val': 'val200', 'trainval': 'train800val200'}  # VTAB and digits
+
+DATASETS = list(FGVC) + [f'vtab-{t}' for t in VTAB] + ['digits']
+
+
+def _kind(name):
+    """'fgvc', 'vtab' or 'digits'; a ValueError listing the valid names otherwise."""
+    if name in FGVC:
+        return 'fgvc'
+    if name.startswith('vtab-') and name[5:] in VTAB:
+        return 'vtab'
+    if name == 'digits':
+        return 'digits'
+    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+
+
+def num_classes(name):
+    """The benchmark's class count (FGVC: 200/555/102/120/196; VTAB: backbones_data.md §4.3; digits: 10)."""
+    kind = _kind(name)
+    return FGVC[name][2] if kind == 'fgvc' else VTAB[name[5:]] if kind == 'vtab' else 10
+
+
+def default_data_root():
+    """The environment variable VPT_DATA_ROOT if set, else './data'."""
+    return os.environ.get('VPT_DATA_ROOT') or './data'
+
+
+def expected_layout(name, folder=None):
+    """The folder tree `name` needs (in `folder`, default <root>/<its usual place>), for error messages."""
+    if _kind(name) == 'fgvc':
+        img = f"{FGVC[name][1]}/" if FGVC[name][1] else ''
+        return (f"{folder or Path('<root>', FGVC[name][0])}/\n"
+                f"    train.json, val.json, test.json   VPT's split files, each {{\"<relative path>\": <integer label>, ...}}\n"
+                f"    {img}<relative path>{' ' * (19 - len(img))}the images")
+    if _kind(name) == 'vtab':
+        return (f"{folder or Path('<root>', 'vtab-1k', name[5:])}/\n"
+                f"    train800.txt, val200.txt, train800val200.txt, test.txt   lines \"<relative path> <label>\" (NOAH get_vtab1k.py)\n"
+                f"    images/<split>/000000.jpg, ...                           the images")
+    return "digits is bundled with scikit-learn; it has no folder"
+
+
+def dataset_dir(name, root=None):
+    """The dataset's folder: FGVC <root>/<folder>, VTAB <root>/vtab-1k/<task>; None for digits.
+
+    `root` may also be the dataset folder itself (detected by its train.json / train800.txt).
+    root=None means default_data_root().
+    """
+    kind = _kind(name)
+    if kind == 'digits':
+        return None
+    root = Path(root if root is not None else default_data_root())
+    marker = 'train.json' if kind == 'fgvc' else 'train800.txt'
+    sub = root / FGVC[name][0] if kind == 'fgvc' else root / 'vtab-1k' / name[5:]
+    if (root / marker).is_file():
+        return root
+    if sub.is_dir():
+        return sub
+    raise FileNotFoundError(
+        f"dataset folder for {name!r} not found: neither {sub} exists nor does {root} itself contain {marker}.\n"
+        f"Expected layout (--data-root or VPT_DATA_ROOT, currently {root}):\n{expected_layout(name, sub)}")
+
+
+def split_names(name, eval_split):
+    """(train split, eval split) for --eval-split val|test (SPEC §5).
+
+    val:  FGVC train / val,   VTAB and digits train800 / val200
+    test: FGVC train / test,  VTAB and digits train800val200 / test  (VPT trains FGVC on train.json alone)
+    """
+    kind = _kind(name)
+    if eval_split not in ('val', 'test'):
+        raise ValueError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
+    if kind == 'fgvc':
+        return ('train', eval_split)
+    return ('train800', 'val200') if eval_split == 'val' else ('train800val200', 'test')
+
+
+def build_transform(name, train, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """PIL image -> normalised (3, img_size, img_size) tensor. None for digits (done inside DigitsDataset).
+
+    FGVC (VPT): Resize(256) -> RandomCrop(224) -> RandomHorizontalFlip when training,
+                Resize(256) -> CenterCrop(224) otherwise; 256 scales as round(img_size * 256 / 224).
+    VTAB (SA²VP, NOAH): Resize((224, 224)), the same for training and evaluation.
+    Resize is bilinear, as in VPT and SA²VP.
+    """
+    kind = _kind(name)
+    if kind == 'digits':
+        return None
+    if kind == 'fgvc':
+        resize = T.Resize(round(img_size * 256 / 224))
+        crop = [T.RandomCrop(img_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(img_size)]
+        steps = [resize, *crop]
+    else:
+        steps = [T.Resize((img_size, img_size))]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+# -----------------------------------------------------------------------------
+# reading split files
+
+def _read_json(path, name):
+    """One VPT split file: a JSON object {relative image path: integer label}."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing split file {path}\nExpected layout:\n{expected_layout(name, path.parent)}")
+    try:
+        entries = json.loads(path.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(entries, dict) or not entries:
+        raise ValueError(f"{path} must be a non-empty JSON object {{\"<relative path>\": <integer label>}}")
+    for key, label in entries.items():
+        if type(label) is not int:
+            raise ValueError(f"{path}: key {key!r} has label {label!r}, expected an integer")
+    return entries
+
+
+def read_fgvc(name, split, folder, strict_classes=True):
+    """[(image path, label)] of one FGVC split, labels remapped by train.json's sorted label set.
+
+    The map is built from train.json for every split (so val/test read train.json too, never the reverse).
+    A val/test label absent from train.json is an error. With strict_classes (the default; off when the
+    environment sets VPT_ALLOW_PARTIAL=1) train.json must hold exactly the benchmark's class count.
+    Returns (samples, number of classes = size of train.json's label set).
+    """
+    if split not in FGVC_SPLITS:
+        raise ValueError(f"FGVC split must be one of {FGVC_SPLITS}, got {split!r}")
+    _, images, expected = FGVC[name]
+    train_file = folder / 'train.json'
+    train = _read_json(train_file, name)
+    label_map = {c: i for i, c in enumerate(sorted(set(train.values())))}
+    if strict_classes and os.environ.get('VPT_ALLOW_PARTIAL') != '1' and len(label_map) != expected:
+        raise ValueError(f"{train_file} has {len(label_map)} classes but {name} has {expected}: wrong or partial "
+                         f"split files (pass strict_classes=False or set VPT_ALLOW_PARTIAL=1 to allow this)")
+    split_file = folder / f'{split}.json'
+    entries = train if split == 'train' else _read_json(split_file, name)
+    samples = []
+    for rel, label in entries.items():
+        if label not in label_map:
+            raise ValueError(f"{split_file}: key {rel!r} has label {label}, which does not occur in {train_file}")
+        samples.append((str(folder / images / rel), label_map[label]))
+    return samples, len(label_map)
+
+
+def read_vtab(name, split, folder):
+    """[(image path, label)] of one VTAB-1k split file; lines "<path relative to the task folder> <label>"."""
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in VTAB_SPLITS:
+        raise ValueError(f"VTAB split must be one of {VTAB_SPLITS}, got {split!r}")
+    classes = VTAB[name[5:]]
+    path = folder / f'{split}.txt'
+    if not path.is_file():
+        raise FileNotFoundError(f"missing split file {path}\nExpected layout:\n{expected_layout(name, folder)}")
+    samples = []
+    for i, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
+        try:
+            rel, label = line.split()
+            label = int(label)
+        except ValueError:  # not exactly two fields, or a label that is not an integer
+            raise ValueError(f"{path}:{i}: expected '<relative path> <integer label>', got {line!r}") from None
+        if not 0 <= label < classes:
+            raise ValueError(f"{path}:{i}: label {label} out of range 0..{classes - 1} ({name} has {classes} classes)")
+        samples.append((str(folder / rel), label))
+    if not samples:
+        raise ValueError(f"{path} lists no images")
+    return samples
+
+
+# -----------------------------------------------------------------------------
+# datasets
+
+def load_image(path):
+    """PIL RGB image, as VPT and SA²VP load it; errors name the path."""
+    try:
+        with Image.open(path) as im:
+            return im.convert('RGB')
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path} (python data.py --check NAME lists every missing file)") from None
+    except Exception as e:
+        raise RuntimeError(f"cannot read image {path}: {e}") from e
+
+
+class ImageListDataset(Dataset):
+    """A list of (image path, label) and a transform; FGVC and VTAB. Returns (float32 (3, H, W), int)."""
+
+    def __init__(self, name, split, root, samples, num_classes, transform):
+        self.name, self.split, self.root = name, split, root  # root: the dataset folder
+        self.samples, self.num_classes, self.transform = samples, num_classes, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return self.transform(load_image(path)), label
+
+
+class DigitsDataset(Dataset):
+    """sklearn's load_digits: 1,797 real 8x8 digits (values 0..16), split with RandomState(0).permutation:
+    train800 = first 800, val200 = next 200, train800val200 = first 1000, test = the remaining 797.
+
+    Image: /16 -> bilinear upsample to img_size (align_corners=False) -> 3 channels -> Normalize(mean, std);
+    the same for training and evaluation. The 8x8 pixels are kept; upsampling happens per item, because
+    a whole split at 224 px would take ~0.5 GB.
+    """
+
+    def __init__(self, split, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        from sklearn.datasets import load_digits  # only this dataset needs scikit-learn
+        split = SPLIT_ALIASES.get(split, split)
+        if split not in VTAB_SPLITS:
+            raise ValueError(f"digits split must be one of {VTAB_SPLITS} (or {tuple(SPLIT_ALIASES)}), got {split!r}")
+        digits = load_digits()
+        perm = np.random.RandomState(0).permutation(len(digits.target))
+        idx = {'train800': perm[:800], 'val200': perm[800:1000],
+               'train800val200': perm[:1000], 'test': perm[1000:]}[split]
+        self.name, self.split, self.root, self.num_classes = 'digits', split, None, 10
+        self.samples = [(int(i), int(digits.target[i])) for i in idx]  # (index into load_digits, label)
+        self.pixels = torch.from_numpy(digits.images[idx]).float().div(16).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+        self.labels = [label for _, label in self.samples]
+        self.img_size = img_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.img_size
+        x = F.interpolate(self.pixels[i:i + 1], size=(s, s), mode='bilinear', align_corners=False)[0]  # (1, s, s)
+        return (x.expand(3, s, s) - self.mean) / self.std, self.labels[i]  # (3, s, s)
+
+
+def build_dataset(name, split, root=None, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, train=False,
+                  strict_classes=True):
+    """The dataset `name` (one of DATASETS), split `split`; items are (float32 (3, img_size, img_size), int).
+
+    split: FGVC train/val/test; VTAB and digits train800/val200/train800val200/test (or train/val/trainval).
+    train=True selects the augmenting transform (FGVC only; VTAB and digits have none).
+    Only this split's file is opened, plus train.json for an FGVC label map (never test.json in val mode).
+    strict_classes: FGVC only; train.json must hold the benchmark's full class count (200/555/102/120/196).
+    Turn it off with strict_classes=False or the environment variable VPT_ALLOW_PARTIAL=1; the dataset's
+    .num_classes is then the number of classes train.json holds. Use .num_classes for the head.
+    Attributes: .samples [(path or digits index, label)], .num_classes, .name, .split, .root (folder).
+    """
+    kind = _kind(name)
+    if kind == 'digits':
+        return DigitsDataset(split, img_size, mean, std)
+    folder = dataset_dir(name, root)
+    transform = build_transform(name, train, img_size, mean, std)
+    if kind == 'fgvc':
+        samples, classes = read_fgvc(name, split, folder, strict_classes)
+    else:
+        split = SPLIT_ALIASES.get(split, split)
+        samples, classes = read_vtab(name, split, folder), VTAB[name[5:]]
+    return ImageListDataset(name, split, folder, samples, classes, transform)
+
+
+# -----------------------------------------------------------------------------
+# loaders
+
+class TrainSampler(DistributedSampler):
+    """Training order: a permutation seeded with seed + epoch (DistributedSampler's rule), sharded over
+    the DDP ranks, or over one rank when not distributed, so that a 1-process run and a plain run see
+    the same order and a resumed run only needs set_epoch(epoch). If set_epoch is never called the
+    epoch still advances by one after each pass, so epochs are never silently identical.
+    """
+
+    def __iter__(self):
+        indices = super().__iter__()  # computed eagerly from seed + epoch
+        self.epoch += 1
+        return indices
+
+
+class ShardSampler(Sampler):
+    """Evaluation under DDP: rank r gets indices r, r + W, r + 2W, ... in order, WITHOUT padding
+    (DistributedSampler pads by repeating images), so summing correct/total over ranks counts every
+    image exactly once. Ranks may get one batch fewer: evaluate the unwrapped model (no collectives
+    inside forward) and all-reduce the counts afterwards.
+    """
+
+    def __init__(self, dataset, num_replicas=None, rank=None):
+        import torch.distributed as dist
+        self.n = len(dataset)
+        self.num_replicas = num_replicas if num_replicas is not None else dist.get_world_size()
+        self.rank = rank if rank is not None else dist.get_rank()
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is not in 0..{self.num_replicas - 1}")
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.num_replicas))
+
+
+def build_loader(dataset, batch_size, train, workers=4, distributed=False, seed=0):
+    """DataLoader for one split; batch_size is per process.
+
+    train: shuffled by TrainSampler (seed + epoch; call loader.sampler.set_epoch(epoch) each epoch for an
+    exact resume), sharded over ranks when distributed (DistributedSampler rules: pads to equal length),
+    drop_last=False (a ViT has no batch statistics, so a short last batch is harmless).
+    eval: in order; under DDP each rank takes ShardSampler's rank::world_size share, unpadded.
+    distributed: the caller passes torch.distributed.is_initialized().
+    Augmentation randomness comes from torch's global RNG (worker seeds are drawn from it each epoch).
+    """
+    if train:
+        if distributed:
+            sampler = TrainSampler(dataset, shuffle=True, seed=seed)
+        else:
+            sampler = TrainSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    else:
+        sampler = ShardSampler(dataset) if distributed else None  # None: sequential
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False,
+                      num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=workers > 0)
+
+
+# -----------------------------------------------------------------------------
+# python data.py --check NAME [--data-root DIR]
+
+def check(name, root=None):
+    """Per split: (split, images, distinct labels, sha256[:16] of the sorted "path label" lines).
+
+    Paths are relative to the dataset folder (digits: the load_digits index) and labels are the remapped
+    ones, so the fingerprint does not depend on where the data lives. Every listed image must exist;
+    images are not decoded (that would take minutes on NABirds), so a corrupt file still surfaces at
+    load time with its path.
+    """
+    kind = _kind(name)
+    splits = FGVC_SPLITS if kind == 'fgvc' else VTAB_SPLITS
+    rows = []
+    for split in splits:
+        ds = build_dataset(name, split, root)
+        if kind == 'digits':
+            lines = [f"{i} {label}" for i, label in ds.samples]
+        else:
+            missing = [p for p, _ in ds.samples if not os.path.isfile(p)]
+            if missing:
+                shown = '\n  '.join(missing[:10])
+                raise FileNotFoundError(f"{name} {split}: {len(missing)} of {len(ds.samples)} image files are missing, e.g.\n  {shown}")
+            lines = [f"{Path(p).relative_to(ds.root).as_posix()} {label}" for p, label in ds.samples]
+        digest = hashlib.sha256('\n'.join(sorted(lines)).encode()).hexdigest()[:16]
+        rows.append((split, len(ds.samples), len({label for _, label in ds.samples}), digest))
+    return rows
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description="Check a dataset on disk: one line per split "
+                                     "'<split> <images> <classes> <sha256[:16] of sorted path-label lines>'.")
+    parser.add_argument('--check', required=True, metavar='NAME', help=f"one of: {', '.join(DATASETS)}")
+    parser.add_argument('--data-root', default=None, help="data root (default: $VPT_DATA_ROOT or ./data), "
+                        "or the dataset folder itself")
+    args = parser.parse_args()
+    try:
+        for row in check(args.check, args.data_root):
+            print(*row)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,421 @@
+"""Tests for data.py on tiny datasets built in tmp_path in each benchmark's real layout, plus sklearn digits.
+
+Run: python -m pytest -q test_data.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+HERE = Path(__file__).resolve().parent
+
+# The real layouts, written out independently of data.FGVC: folder, image root, relative path of image k.
+FGVC_LAYOUT = {
+    'cub':     ('CUB_200_2011', 'images', lambda c, s, k: f'{c:03d}.Black_footed_Albatross/{s}_{k:04d}.jpg'),
+    'nabirds': ('nabirds',      'images', lambda c, s, k: f'{c + 290:04d}/{s}{k}.jpg'),
+    'flowers': ('OxfordFlower', '',       lambda c, s, k: f'jpg/image_{s}{k:05d}.jpg'),
+    'dogs':    ('dogs',         'Images', lambda c, s, k: f'n020856{c:02d}-Chihuahua/n020856{c:02d}_{s}{k}.jpg'),
+    'cars':    ('cars',         '',       lambda c, s, k: f'car_ims/{s}{k:06d}.jpg'),
+}
+# 1-based, non-contiguous labels; val lacks class 7 (so a per-split remap would send 12 to 1).
+SPLITS = {'train': [3, 7, 12, 3, 7, 12], 'val': [3, 12, 12], 'test': [12, 7, 3]}
+SIZES = [(40, 30), (30, 50), (50, 50)]  # (width, height)
+
+
+def write_jpeg(path, size, seed):
+    """A tiny RGB JPEG of random (so non-constant, non-symmetric) content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def make_fgvc(root, name, splits=SPLITS):
+    """<root>/<folder>/{train,val,test}.json + images under the image root; returns the folder."""
+    folder, images, rel_path = FGVC_LAYOUT[name]
+    folder = root / folder
+    for split, labels in splits.items():
+        entries = {}
+        for k, c in enumerate(labels):
+            rel = rel_path(c, split, k)
+            write_jpeg(folder / images / rel, SIZES[k % 3], seed=k)
+            entries[rel] = c
+        (folder / f'{split}.json').write_text(json.dumps(entries))
+    return folder
+
+
+VTAB_COUNTS = {'train800': 4, 'val200': 2, 'train800val200': 6, 'test': 3}
+
+
+def make_vtab(root, task, counts=VTAB_COUNTS):
+    """<root>/vtab-1k/<task>/{split}.txt with 'images/<split>/000000.jpg <label>' lines (NOAH get_vtab1k.py)."""
+    folder = root / 'vtab-1k' / task
+    for split, n in counts.items():
+        lines = []
+        for i in range(n):
+            rel = f'images/{split}/{i:06d}.jpg'
+            write_jpeg(folder / rel, (20 + 13 * i, 20), seed=i)
+            lines.append(f'{rel} {(5 * i) % data.VTAB[task]}\n')
+        (folder / f'{split}.txt').write_text(''.join(lines))
+    return folder
+
+
+@pytest.fixture(scope='module', autouse=True)
+def cli_runs(tmp_path_factory):
+    """Start two `python data.py --check` runs before the other tests so that they overlap with them
+    (each process spends seconds importing torchvision); test_check_cli reads their output."""
+    root = tmp_path_factory.mktemp('cli') / 'data'
+    make_fgvc(root, 'dogs')
+    cmd = [sys.executable, 'data.py', '--check']
+    run = lambda *args: subprocess.Popen(cmd + list(args), cwd=HERE, env=dict(os.environ, VPT_ALLOW_PARTIAL='1'),  # noqa: E731
+                                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    runs = {'ok': run('dogs', '--data-root', str(root)), 'missing': run('vtab-sun397', '--data-root', str(root))}
+    yield root, runs
+    for p in runs.values():
+        p.kill()
+        p.communicate()
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A data root holding all five FGVC datasets and vtab-1k/{dtd,eurosat}."""
+    root = tmp_path / 'data'
+    for name in data.FGVC:
+        make_fgvc(root, name)
+    for task in ('dtd', 'eurosat'):
+        make_vtab(root, task)
+    return root
+
+
+def fgvc(name, split, root, **kw):
+    return data.build_dataset(name, split, root, strict_classes=False, **kw)
+
+
+# ----------------------------------------------------------------------------- names and tables
+
+def test_names_classes_and_splits():
+    assert len(data.DATASETS) == 25 and len(set(data.DATASETS)) == 25
+    assert data.DATASETS[:5] == ['cub', 'nabirds', 'flowers', 'dogs', 'cars'] and data.DATASETS[-1] == 'digits'
+    assert [data.num_classes(n) for n in data.FGVC] == [200, 555, 102, 120, 196]
+    vtab = {n[5:]: data.num_classes(n) for n in data.DATASETS if n.startswith('vtab-')}
+    assert vtab == {'cifar': 100, 'caltech101': 102, 'dtd': 47, 'oxford_flowers102': 102, 'oxford_iiit_pet': 37,
+                    'svhn': 10, 'sun397': 397, 'patch_camelyon': 2, 'eurosat': 10, 'resisc45': 45,
+                    'diabetic_retinopathy': 5, 'clevr_count': 8, 'clevr_dist': 6, 'dmlab': 6, 'kitti': 4,
+                    'dsprites_loc': 16, 'dsprites_ori': 16, 'smallnorb_azi': 18, 'smallnorb_ele': 9}
+    assert data.num_classes('digits') == 10
+    assert data.split_names('cub', 'val') == ('train', 'val')
+    assert data.split_names('cub', 'test') == ('train', 'test')
+    assert data.split_names('vtab-dtd', 'val') == ('train800', 'val200')
+    assert data.split_names('vtab-dtd', 'test') == ('train800val200', 'test')
+    assert data.split_names('digits', 'val') == ('train800', 'val200')
+    assert data.split_names('digits', 'test') == ('train800val200', 'test')
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'.*vtab-dtd"):
+        data.num_classes('imagenet')
+    with pytest.raises(ValueError, match="'val' or 'test'"):
+        data.split_names('cub', 'trainval')
+
+
+def test_default_data_root(monkeypatch, root):
+    monkeypatch.delenv('VPT_DATA_ROOT', raising=False)
+    assert data.default_data_root() == './data'
+    monkeypatch.setenv('VPT_DATA_ROOT', str(root))
+    assert data.default_data_root() == str(root)
+    assert data.dataset_dir('cub') == root / 'CUB_200_2011'
+    assert data.dataset_dir('vtab-dtd') == root / 'vtab-1k' / 'dtd'
+    assert data.dataset_dir('digits') is None
+
+
+# ----------------------------------------------------------------------------- FGVC
+
+@pytest.mark.parametrize('name', list(data.FGVC))
+def test_fgvc_layout_counts_and_label_remap(root, name):
+    folder, images, _ = FGVC_LAYOUT[name]
+    assert data.dataset_dir(name, root) == root / folder
+    raw = {s: json.loads((root / folder / f'{s}.json').read_text()) for s in SPLITS}
+    for split, labels in SPLITS.items():
+        ds = fgvc(name, split, root, img_size=32)
+        assert (ds.name, ds.split, ds.num_classes, len(ds)) == (name, split, 3, len(labels))
+        # every split uses train.json's map {3: 0, 7: 1, 12: 2}; val has no 7 and still maps 12 -> 2
+        expected = {str(root / folder / images / rel): {3: 0, 7: 1, 12: 2}[c] for rel, c in raw[split].items()}
+        assert dict(ds.samples) == expected
+        assert all(Path(p).is_file() for p, _ in ds.samples)
+        x, y = ds[0]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == ds.samples[0][1]
+    assert sorted({y for _, y in fgvc(name, 'val', root).samples}) == [0, 2]
+
+
+def test_fgvc_strict_class_count(root, monkeypatch):
+    with pytest.raises(ValueError, match=r"train\.json has 3 classes but cub has 200.*VPT_ALLOW_PARTIAL"):
+        data.build_dataset('cub', 'train', root)  # strict by default
+    monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')
+    assert data.build_dataset('cub', 'train', root).num_classes == 3
+
+
+def test_fgvc_full_class_count_passes_strict(tmp_path):
+    labels = list(range(1, 103))  # Flowers-102, 1-based
+    make_fgvc(tmp_path, 'flowers', {'train': labels, 'val': labels[:5]})
+    ds = data.build_dataset('flowers', 'val', tmp_path)
+    assert ds.num_classes == 102 == data.num_classes('flowers')
+    assert [y for _, y in ds.samples] == [0, 1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- VTAB
+
+@pytest.mark.parametrize('task', ['dtd', 'eurosat'])
+def test_vtab_counts_and_labels(root, task):
+    name = f'vtab-{task}'
+    for split, n in VTAB_COUNTS.items():
+        ds = data.build_dataset(name, split, root, img_size=32)
+        assert (ds.name, ds.split, ds.num_classes, len(ds)) == (name, split, data.VTAB[task], n)
+        assert ds.samples[1] == (str(root / 'vtab-1k' / task / f'images/{split}/000001.jpg'), 5)  # as-is
+        x, y = ds[1]
+        assert x.shape == (3, 32, 32) and y == 5
+    assert data.build_dataset(name, 'trainval', root).split == 'train800val200'  # alias
+
+
+# ----------------------------------------------------------------------------- transforms
+
+@pytest.mark.parametrize('img_size', [32, 224])
+def test_transform_shapes_and_ranges(img_size):
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (30, 40, 3), dtype=np.uint8))  # 40x30
+    half = dict(mean=data.INCEPTION_MEAN, std=data.INCEPTION_STD)
+    for name, train in [('cub', True), ('cub', False), ('vtab-dtd', True), ('vtab-dtd', False)]:
+        x = data.build_transform(name, train, img_size, **half)(img)
+        assert x.shape == (3, img_size, img_size) and x.dtype == torch.float32
+        assert -1 <= x.min() < x.max() <= 1
+    fgvc_steps = [type(t).__name__ for t in data.build_transform('cub', True, img_size).transforms]
+    assert fgvc_steps == ['Resize', 'RandomCrop', 'RandomHorizontalFlip', 'ToTensor', 'Normalize']
+    assert data.build_transform('cub', True, img_size).transforms[0].size == {32: 37, 224: 256}[img_size]
+    eval_steps = [type(t).__name__ for t in data.build_transform('cub', False, img_size).transforms]
+    assert eval_steps == ['Resize', 'CenterCrop', 'ToTensor', 'Normalize']
+    vtab = data.build_transform('vtab-dtd', True, img_size).transforms
+    assert [type(t).__name__ for t in vtab] == ['Resize', 'ToTensor', 'Normalize']
+    assert tuple(vtab[0].size) == (img_size, img_size)
+    assert data.build_transform('digits', True, img_size) is None
+
+
+def test_fgvc_train_transform_augments_and_eval_does_not():
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (30, 40, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    train = [data.build_transform('cub', True, 32)(img) for _ in range(8)]
+    evals = [data.build_transform('cub', False, 32)(img) for _ in range(2)]
+    assert any(not torch.equal(train[0], t) for t in train[1:])
+    assert torch.equal(evals[0], evals[1])
+    x = data.build_transform('cub', False, 32, data.INCEPTION_MEAN, data.INCEPTION_STD)(img)
+    y = data.build_transform('cub', False, 32)(img)
+    assert not torch.allclose(x, y)  # mean/std are applied
+
+
+def test_train_flag_selects_augmenting_transform(root):
+    assert 'RandomCrop' in repr(fgvc('cub', 'train', root, train=True).transform)
+    assert 'CenterCrop' in repr(fgvc('cub', 'train', root, train=False).transform)
+
+
+# ----------------------------------------------------------------------------- split hygiene and roots
+
+def test_val_mode_never_reads_test_files(root):
+    (root / 'CUB_200_2011' / 'test.json').unlink()
+    (root / 'vtab-1k' / 'dtd' / 'test.txt').unlink()
+    for name in ('cub', 'vtab-dtd'):
+        train_split, eval_split = data.split_names(name, 'val')
+        for split, train in [(train_split, True), (eval_split, False)]:
+            ds = fgvc(name, split, root, img_size=16, train=train)
+            batches = list(data.build_loader(ds, 4, train=train, workers=0))
+            assert sum(len(y) for _, y in batches) == len(ds)
+        with pytest.raises(FileNotFoundError, match='test'):  # the files really are gone
+            fgvc(name, data.split_names(name, 'test')[1], root)
+
+
+def test_root_may_be_the_dataset_folder(root):
+    for name, folder in [('dogs', root / 'dogs'), ('vtab-eurosat', root / 'vtab-1k' / 'eurosat')]:
+        assert data.dataset_dir(name, folder) == folder
+        direct, usual = fgvc(name, 'val' if name == 'dogs' else 'val200', folder), \
+            fgvc(name, 'val' if name == 'dogs' else 'val200', root)
+        assert direct.samples == usual.samples
+        assert direct[0][0].shape == (3, 224, 224)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_error_missing_dataset_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"(?s)CUB_200_2011.*does .*contain train\.json.*Expected layout.*images/"):
+        data.build_dataset('cub', 'train', tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"(?s)vtab-1k/dtd.*train800\.txt.*train800val200\.txt"):
+        data.build_dataset('vtab-dtd', 'train800', tmp_path)
+
+
+def test_error_missing_split_file(root):
+    (root / 'nabirds' / 'val.json').unlink()
+    with pytest.raises(FileNotFoundError, match=r"(?s)missing split file .*nabirds/val\.json.*Expected layout"):
+        fgvc('nabirds', 'val', root)
+    (root / 'nabirds' / 'train.json').unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing split file .*nabirds/train\.json"):
+        fgvc('nabirds', 'test', root)  # the label map needs train.json
+    (root / 'vtab-1k' / 'eurosat' / 'val200.txt').unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing split file .*eurosat/val200\.txt"):
+        data.build_dataset('vtab-eurosat', 'val200', root)
+
+
+def test_error_val_label_not_in_train(tmp_path):
+    make_fgvc(tmp_path, 'cars', {'train': [3, 7, 12], 'val': [3, 5]})
+    with pytest.raises(ValueError, match=r"val\.json: key 'car_ims/val000001\.jpg' has label 5.*train\.json"):
+        fgvc('cars', 'val', tmp_path)
+
+
+def test_error_bad_json(root):
+    (root / 'cars' / 'val.json').write_text('{"car_ims/a.jpg": "3"}')
+    with pytest.raises(ValueError, match=r"val\.json: key 'car_ims/a\.jpg' has label '3', expected an integer"):
+        fgvc('cars', 'val', root)
+    (root / 'cars' / 'val.json').write_text('{"car_ims/a.jpg": 3')
+    with pytest.raises(ValueError, match=r"val\.json is not valid JSON"):
+        fgvc('cars', 'val', root)
+
+
+@pytest.mark.parametrize('line, message', [
+    ('images/test/000000.jpg 10', r"test\.txt:2: label 10 out of range 0\.\.9"),
+    ('images/test/000000.jpg -1', r"test\.txt:2: label -1 out of range"),
+    ('images/test/000000.jpg', r"test\.txt:2: expected '<relative path> <integer label>'"),
+    ('images/test/000000.jpg three', r"test\.txt:2: expected"),
+    ('', r"test\.txt:2: expected .* got ''"),
+])
+def test_error_bad_vtab_line(root, line, message):
+    path = root / 'vtab-1k' / 'eurosat' / 'test.txt'
+    lines = path.read_text().splitlines()
+    path.write_text('\n'.join([lines[0], line] + lines[1:]) + '\n')
+    with pytest.raises(ValueError, match=message):
+        data.build_dataset('vtab-eurosat', 'test', root)
+
+
+def test_error_unreadable_and_missing_image(root, monkeypatch):
+    ds = fgvc('flowers', 'train', root)
+    Path(ds.samples[0][0]).write_bytes(b'this is not a jpeg')
+    with pytest.raises(RuntimeError, match=r"cannot read image .*OxfordFlower/jpg/image_train00000\.jpg"):
+        ds[0]
+    Path(ds.samples[1][0]).unlink()
+    with pytest.raises(FileNotFoundError, match=r"image file not found: .*OxfordFlower/jpg/image_train00001\.jpg"):
+        ds[1]
+    monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')  # check() builds with the default strict_classes
+    with pytest.raises(FileNotFoundError, match=r"(?s)flowers train: 1 of 6 image files are missing.*image_train00001\.jpg"):
+        data.check('flowers', root / 'OxfordFlower')  # --check finds it up front
+    # the loader propagates the error with the path
+    with pytest.raises(FileNotFoundError, match='image_train00001'):
+        list(data.build_loader(torch.utils.data.Subset(ds, [1]), 2, train=False, workers=0))
+
+
+def test_error_unknown_split(root):
+    with pytest.raises(ValueError, match=r"FGVC split must be one of .*'train800'"):
+        fgvc('cub', 'train800', root)
+    with pytest.raises(ValueError, match=r"VTAB split must be one of .*'val1k'"):
+        data.build_dataset('vtab-dtd', 'val1k', root)
+    with pytest.raises(ValueError, match=r"digits split must be one of"):
+        data.build_dataset('digits', 'minival')
+
+
+# ----------------------------------------------------------------------------- digits
+
+def test_digits():
+    sets = {s: data.build_dataset('digits', s, img_size=16, mean=data.INCEPTION_MEAN, std=data.INCEPTION_STD)
+            for s in data.VTAB_SPLITS}
+    assert {s: len(d) for s, d in sets.items()} == {'train800': 800, 'val200': 200, 'train800val200': 1000, 'test': 797}
+    idx = {s: [i for i, _ in d.samples] for s, d in sets.items()}
+    assert len(set(idx['train800']) | set(idx['val200']) | set(idx['test'])) == 1797  # disjoint, covering
+    assert idx['train800val200'] == idx['train800'] + idx['val200']
+    assert all(d.num_classes == 10 and {y for _, y in d.samples} == set(range(10)) for d in sets.values())
+    x = torch.stack([sets['test'][i][0] for i in range(50)])  # (50, 3, 16, 16)
+    assert x.shape == (50, 3, 16, 16) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and torch.equal(x[:, 0], x[:, 1])  # grey, Normalize(0.5, 0.5)
+    assert (x.flatten(1).std(1) > 0.1).all()  # real strokes, not constant images
+    assert (torch.cdist(x.flatten(1), x.flatten(1)) + torch.eye(50) > 0).all()  # all different
+    again = data.build_dataset('digits', 'test', img_size=16, mean=data.INCEPTION_MEAN, std=data.INCEPTION_STD)
+    assert again.samples == sets['test'].samples and torch.equal(again[7][0], x[7])
+    assert data.build_dataset('digits', 'val').split == 'val200'  # aliases
+    assert data.build_dataset('digits', 'trainval', img_size=224)[0][0].shape == (3, 224, 224)
+    # at img_size 8 the resampling is the identity: item k is load_digits().images[samples[k][0]] / 16
+    from sklearn.datasets import load_digits
+    ds8 = data.build_dataset('digits', 'test', img_size=8, mean=(0, 0, 0), std=(1, 1, 1))
+    i, label = ds8.samples[3]
+    assert torch.equal(ds8[3][0], torch.tensor(load_digits().images[i] / 16, dtype=torch.float32).expand(3, 8, 8))
+    assert ds8[3][1] == label == load_digits().target[i]
+
+
+# ----------------------------------------------------------------------------- loaders and samplers
+
+def test_build_loader_batches(root):
+    ds = fgvc('cub', 'train', root, img_size=32, train=True)
+    loader = data.build_loader(ds, 4, train=True, workers=0, seed=1)
+    batches = list(loader)
+    assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 32, 32), (2, 3, 32, 32)]  # drop_last=False
+    assert all(y.dtype == torch.int64 for _, y in batches)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == [0, 0, 1, 1, 2, 2]
+    ev = list(data.build_loader(fgvc('cub', 'test', root, img_size=32), 2, train=False, workers=0))
+    assert [len(y) for _, y in ev] == [2, 1]
+
+
+def test_train_order_is_seeded_per_epoch():
+    ds = data.build_dataset('digits', 'val200', img_size=8)
+    order = lambda loader: [i for i, _ in (ds.samples[j] for j in loader.sampler)]  # noqa: E731
+    a, b = data.build_loader(ds, 8, train=True, workers=0, seed=3), data.build_loader(ds, 8, train=True, workers=0, seed=3)
+    c = data.build_loader(ds, 8, train=True, workers=0, seed=4)
+    a0, a1 = order(a), order(a)  # the epoch advances by itself
+    assert a0 == order(b) and a0 != a1 and a0 != order(c) and sorted(a0) == sorted(a1)
+    a.sampler.set_epoch(0)
+    assert order(a) == a0  # resume: set_epoch(e) reproduces epoch e
+    assert sorted(order(a)) == sorted(i for i, _ in ds.samples)  # a permutation, no padding with one process
+    assert list(data.build_loader(ds, 8, train=False, workers=0).sampler) == list(range(200))  # eval in order
+
+
+@pytest.mark.parametrize('n', [0, 1, 7, 10])
+def test_shard_sampler_no_padding(n):
+    shards = [list(data.ShardSampler(range(n), num_replicas=2, rank=r)) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == list(range(n))  # every index exactly once
+    assert shards[0] == list(range(0, n, 2)) and shards[1] == list(range(1, n, 2))
+    assert [len(data.ShardSampler(range(n), num_replicas=2, rank=r)) for r in (0, 1)] == [len(s) for s in shards]
+    with pytest.raises(ValueError, match='rank 2'):
+        data.ShardSampler(range(n), num_replicas=2, rank=2)
+
+
+def test_build_loader_distributed(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        ds = data.build_dataset('digits', 'val200', img_size=8)
+        train = data.build_loader(ds, 16, train=True, workers=0, distributed=True, seed=5)
+        ev = data.build_loader(ds, 16, train=False, workers=0, distributed=True)
+        assert isinstance(train.sampler, torch.utils.data.DistributedSampler) and train.sampler.seed == 5
+        assert isinstance(ev.sampler, data.ShardSampler) and list(ev.sampler) == list(range(200))
+        assert sum(len(y) for _, y in ev) == 200
+        assert next(iter(train))[0].shape == (16, 3, 8, 8)
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- python data.py --check
+
+def test_check_function(root):
+    rows = data.check('vtab-dtd', root)
+    assert [r[:3] for r in rows] == [('train800', 4, 4), ('val200', 2, 2), ('train800val200', 6, 6), ('test', 3, 3)]
+    assert all(len(r[3]) == 16 for r in rows)
+    # the fingerprint uses folder-relative paths: the same data elsewhere gives the same lines
+    assert data.check('vtab-dtd', root / 'vtab-1k' / 'dtd') == rows
+    assert rows[0][3] != data.check('vtab-eurosat', root)[0][3]
+
+
+def test_check_cli(cli_runs, monkeypatch):
+    root, runs = cli_runs
+    out, err = runs['ok'].communicate(timeout=120)
+    assert runs['ok'].returncode == 0, err
+    lines = [line.split() for line in out.splitlines()]
+    assert [line[:3] for line in lines] == [['train', '6', '3'], ['val', '3', '2'], ['test', '3', '3']]
+    monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')
+    assert [line[3] for line in lines] == [r[3] for r in data.check('dogs', root)]
+    out, err = runs['missing'].communicate(timeout=120)
+    assert runs['missing'].returncode == 1 and out == ''
+    assert err.startswith('error: ') and 'vtab-1k/sun397' in err and 'train800.txt' in err and 'Traceback' not in err

@@ -1,0 +1,350 @@
+"""Tests of the hand-written ViT (models.py): equality with timm, every checkpoint layout, bad input."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+from timm.models.vision_transformer import checkpoint_filter_fn, _load_weights
+
+import models
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MICRO = models.ARCHS['vit_micro_patch8']   # patch 8, dim 64, depth 4, 4 heads
+
+
+def timm_vit(arch_cfg, img_size, num_classes=0, perturb=False, seed=0):
+    torch.manual_seed(seed)
+    m = TimmViT(img_size=img_size, num_classes=num_classes, **arch_cfg).eval()
+    if perturb:  # make every LayerNorm, bias, cls token and position embedding matter
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if 'norm' in name and name.endswith('weight'):
+                    p.copy_(1 + 0.2 * torch.randn_like(p))
+                elif name.endswith('bias') or name in ('cls_token', 'pos_embed'):
+                    p.copy_(0.1 * torch.randn_like(p))
+    return m
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# -----------------------------------------------------------------------------
+# equality with timm
+
+@pytest.mark.parametrize('arch', ['vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_224'])
+@pytest.mark.parametrize('perturb', [False, True])
+def test_equals_timm(arch, perturb):
+    cfg = models.ARCHS[arch]
+    ref = timm_vit(cfg, 224, num_classes=10, perturb=perturb)
+    ours = models.VisionTransformer(img_size=224, **cfg).eval()
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith('head.')}
+    ours.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert max_diff(ours.forward_features(x), ref.forward_features(x)) <= 1e-5
+        # linear readout on the cls token after the final norm == timm's head
+        tokens = ours.embed(x)
+        for blk in ours.blocks:
+            tokens = blk(tokens)
+        logits = torch.nn.functional.linear(models.pool(ours, tokens, 'cls'), ref.head.weight, ref.head.bias)
+        assert max_diff(logits, ref(x)) <= 1e-5
+
+
+@pytest.mark.parametrize('img_size', [160, 96])
+def test_resampled_pos_embed_equals_timm(img_size):
+    """A 224-px checkpoint loaded at another size: timm's load-time bicubic+antialias resample."""
+    cfg = models.ARCHS['vit_tiny_patch16_224']
+    src = timm_vit(cfg, 224, perturb=True)
+    ref = TimmViT(img_size=img_size, num_classes=0, **cfg).eval()
+    ref.load_state_dict(checkpoint_filter_fn(src.state_dict(), ref), strict=True)
+    ours = models.VisionTransformer(img_size=img_size, **cfg).eval()
+    sd = src.state_dict()
+    sd['pos_embed'] = models.resample_pos_embed(sd['pos_embed'], ours.grid)
+    ours.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        assert max_diff(ours.forward_features(x), ref.forward_features(x)) <= 1e-5
+    # and an input of a size other than the model's is resampled on the fly, like timm's dynamic_img_size
+    dyn = TimmViT(img_size=224, num_classes=0, dynamic_img_size=True, **cfg).eval()
+    dyn.load_state_dict(src.state_dict())
+    ours224 = models.VisionTransformer(img_size=224, **cfg).eval()
+    ours224.load_state_dict(src.state_dict())
+    with torch.no_grad():
+        assert max_diff(ours224.forward_features(x), dyn.forward_features(x)) <= 1e-5
+
+
+def test_dropout_positions():
+    """drop_rate puts dropout after the pos-embed and in the MLP, nowhere else (SA²VP's backbone)."""
+    m = models.VisionTransformer(img_size=32, drop_rate=0.1, **MICRO)
+    drops = sorted(n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Dropout) and mod.p == 0.1)
+    assert drops == sorted(['pos_drop'] + [f'blocks.{i}.mlp.drop{j}' for i in range(4) for j in (1, 2)])
+    m.train()
+    x = torch.randn(2, 3, 32, 32)
+    assert max_diff(m(x), m(x)) > 0
+    m.eval()
+    assert max_diff(m(x), m(x)) == 0
+
+
+def test_block_pieces_compose():
+    """A block computed piece by piece (norm1, qkv, attention, proj, norm2, mlp) equals the block."""
+    m = models.VisionTransformer(img_size=32, **MICRO).eval()
+    x = torch.randn(2, 17, 64)
+    blk = m.blocks[0]
+    q, k, v = blk.attn.split_qkv(blk.norm1(x))
+    att = torch.softmax(q @ k.transpose(-1, -2) / (16 ** 0.5), dim=-1) @ v        # naive attention
+    y = x + blk.attn.proj(att.transpose(1, 2).reshape(2, 17, 64))
+    y = y + blk.mlp.fc2(torch.nn.functional.gelu(blk.mlp.fc1(blk.norm2(y))))
+    assert max_diff(y, blk(x)) < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# every checkpoint layout round-trips through create_backbone(weights=...)
+
+def write_npz(model, path):
+    """Google's original ViT .npz layout, written independently of models.py."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    D = model.embed_dim
+    H = model.blocks[0].attn.num_heads
+    out = {'embedding/kernel': sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0),   # OIHW -> HWIO
+           'embedding/bias': sd['patch_embed.proj.bias'], 'cls': sd['cls_token'],
+           'Transformer/posembed_input/pos_embedding': sd['pos_embed'],
+           'Transformer/encoder_norm/scale': sd['norm.weight'], 'Transformer/encoder_norm/bias': sd['norm.bias'],
+           'pre_logits/kernel': np.zeros((D, D), np.float32), 'head/kernel': np.zeros((D, 7), np.float32),
+           'head/bias': np.zeros(7, np.float32)}
+    for i in range(len(model.blocks)):
+        p, b = f'Transformer/encoderblock_{i}/', f'blocks.{i}.'
+        a = p + 'MultiHeadDotProductAttention_1/'
+        out[p + 'LayerNorm_0/scale'], out[p + 'LayerNorm_0/bias'] = sd[b + 'norm1.weight'], sd[b + 'norm1.bias']
+        out[p + 'LayerNorm_2/scale'], out[p + 'LayerNorm_2/bias'] = sd[b + 'norm2.weight'], sd[b + 'norm2.bias']
+        W, bias = sd[b + 'attn.qkv.weight'], sd[b + 'attn.qkv.bias']
+        for j, n in enumerate(('query', 'key', 'value')):
+            out[a + n + '/kernel'] = W[j * D:(j + 1) * D].T.reshape(D, H, D // H)       # (D, heads, head_dim)
+            out[a + n + '/bias'] = bias[j * D:(j + 1) * D].reshape(H, D // H)
+        out[a + 'out/kernel'] = sd[b + 'attn.proj.weight'].T.reshape(H, D // H, D)
+        out[a + 'out/bias'] = sd[b + 'attn.proj.bias']
+        for j in (0, 1):
+            out[p + f'MlpBlock_3/Dense_{j}/kernel'] = sd[b + f'mlp.fc{j + 1}.weight'].T
+            out[p + f'MlpBlock_3/Dense_{j}/bias'] = sd[b + f'mlp.fc{j + 1}.bias']
+    np.savez(path, **out)
+
+
+def moco_projector(prefix, D):
+    """MoCo v3's 3-layer projector (with BN) and 2-layer predictor key layout."""
+    sd = {}
+    dims = [(D, 32), (32, 32), (32, 16)]
+    for (i, lin), (bn, (din, dout)) in zip(enumerate((0, 3, 6)), zip((1, 4, 7), dims)):
+        sd[f'{prefix}{lin}.weight'] = torch.randn(dout, din)
+        for s in ('running_mean', 'running_var'):
+            sd[f'{prefix}{bn}.{s}'] = torch.randn(dout)
+        sd[f'{prefix}{bn}.num_batches_tracked'] = torch.tensor(5)
+        if bn != 7:  # the last BN is affine=False
+            sd[f'{prefix}{bn}.weight'], sd[f'{prefix}{bn}.bias'] = torch.randn(dout), torch.randn(dout)
+    return sd
+
+
+def write_all_formats(src, tmp_path):
+    """src: a timm ViT with a 1000-class head. Returns {pretrain: [paths]}."""
+    sd = src.state_dict()
+    enc = {k: v for k, v in sd.items() if not k.startswith('head.')}
+    paths = {}
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / 'model.safetensors'))
+    torch.save(sd, tmp_path / 'model.pth')
+    torch.save(sd, tmp_path / 'pytorch_model.bin')
+    write_npz(src, tmp_path / 'ViT-B_16.npz')
+    paths['in21k'] = [tmp_path / 'model.safetensors', tmp_path / 'model.pth', tmp_path / 'pytorch_model.bin',
+                      tmp_path / 'ViT-B_16.npz']
+    torch.save({'model': enc}, tmp_path / 'mae_pretrain.pth')
+    paths['mae'] = [tmp_path / 'mae_pretrain.pth']
+    D = src.embed_dim
+    pre = {f'module.base_encoder.{k}': v for k, v in enc.items()}
+    pre.update(moco_projector('module.base_encoder.head.', D))
+    pre.update({f'module.momentum_encoder.{k}': v + 1 for k, v in enc.items()})
+    pre.update(moco_projector('module.momentum_encoder.head.', D))
+    pre.update({f'module.predictor.{k}': v for k, v in moco_projector('', 16).items() if not k.startswith('6')})
+    torch.save({'epoch': 300, 'arch': 'vit_base', 'state_dict': pre,
+                'optimizer': {'state': {}, 'param_groups': [{'lr': 0.1}]}, 'scaler': {'scale': 65536.0}},
+               tmp_path / 'vit-b-300ep.pth.tar')
+    lin = {f'module.{k}': v for k, v in sd.items()}  # includes module.head.{weight,bias} (1000 classes)
+    torch.save({'epoch': 90, 'arch': 'vit_base', 'state_dict': lin, 'best_acc1': torch.tensor(76.7),
+                'optimizer': {'state': {}, 'param_groups': [{'lr': 0.1}]}}, tmp_path / 'linear-vit-b-300ep.pth.tar')
+    paths['mocov3'] = [tmp_path / 'vit-b-300ep.pth.tar', tmp_path / 'linear-vit-b-300ep.pth.tar']
+    return paths
+
+
+def test_every_format_round_trips(tmp_path):
+    src = timm_vit(MICRO, 32, num_classes=1000, perturb=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = src.forward_features(x)
+    paths = write_all_formats(src, tmp_path)
+    expected_fmt = ['.safetensors', 'timm state dict', 'timm state dict', 'Google ViT .npz',
+                    "MAE checkpoint", 'MoCo v3 pre-training', 'MoCo v3 linear-probe']
+    seen = []
+    for pretrain, files in paths.items():
+        for p in files:
+            m = models.create_backbone('vit_micro_patch8', pretrain=pretrain, weights=str(p), img_size=32).eval()
+            seen.append(m.weights_format)
+            with torch.no_grad():
+                assert max_diff(m.forward_features(x), want) <= 1e-6, p
+            assert m.identity.startswith('file:') and m.pretrain == pretrain
+    for e, s in zip(expected_fmt, seen):
+        assert e in s
+    # timm's own npz loader reads our test-written npz to the same model (checks the test writer too)
+    t = TimmViT(img_size=32, num_classes=0, **MICRO).eval()
+    _load_weights(t, str(tmp_path / 'ViT-B_16.npz'))
+    with torch.no_grad():
+        assert max_diff(t.forward_features(x), want) <= 1e-6
+
+
+def test_load_at_other_size_resamples(tmp_path):
+    src = timm_vit(MICRO, 32, perturb=True)
+    torch.save(src.state_dict(), tmp_path / 'w.pth')
+    m = models.create_backbone('vit_micro_patch8', 'in21k', weights=str(tmp_path / 'w.pth'), img_size=48).eval()
+    ref = TimmViT(img_size=48, num_classes=0, **MICRO).eval()
+    ref.load_state_dict(checkpoint_filter_fn(src.state_dict(), ref))
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert max_diff(m.forward_features(x), ref.forward_features(x)) <= 1e-5
+
+
+def test_defaults_per_pretrain(tmp_path):
+    src = timm_vit(MICRO, 32)
+    torch.save({'model': src.state_dict()}, tmp_path / 'mae.pth')
+    mae = models.create_backbone('vit_micro_patch8', 'mae', weights=str(tmp_path / 'mae.pth'), img_size=32)
+    assert mae.readout == 'mean' and mae.mean == (0.485, 0.456, 0.406)
+    sup = models.create_backbone('vit_micro_patch8', 'in21k', weights=str(tmp_path / 'mae.pth'), img_size=32)
+    assert sup.readout == 'cls' and sup.mean == (0.5, 0.5, 0.5) and sup.std == (0.5, 0.5, 0.5)
+    none = models.create_backbone('vit_micro_patch8', img_size=32)
+    assert none.identity == 'random' and none.readout == 'cls'
+    tokens = torch.randn(2, 5, 64)
+    ln = torch.nn.functional.layer_norm
+    assert max_diff(models.pool(mae, tokens), mae.norm(tokens[:, 1:].mean(1))) == 0
+    assert max_diff(models.pool(mae, tokens, 'mean-ln'), ln(tokens[:, 1:].mean(1), (64,), eps=1e-6)) == 0
+    assert max_diff(models.pool(mae, tokens, 'cls'), mae.norm(tokens)[:, 0]) == 0
+
+
+def test_mocov3_vit_small_has_12_heads(tmp_path):
+    cfg = dict(models.ARCHS['vit_small_patch16_224'], num_heads=12)
+    src = timm_vit(cfg, 64, perturb=True)
+    torch.save({'state_dict': {f'module.base_encoder.{k}': v for k, v in src.state_dict().items()}},
+               tmp_path / 'vit-s-300ep.pth.tar')
+    m = models.create_backbone('vit_small_patch16_224', 'mocov3', weights=str(tmp_path / 'vit-s-300ep.pth.tar'),
+                               img_size=64).eval()
+    assert all(b.attn.num_heads == 12 for b in m.blocks)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert max_diff(m.forward_features(x), src.forward_features(x)) <= 1e-5
+    assert models.create_backbone('vit_small_patch16_224', img_size=64).blocks[0].attn.num_heads == 6
+
+
+# -----------------------------------------------------------------------------
+# bad input: a clear error, never a random model
+
+@pytest.fixture
+def good_sd():
+    return timm_vit(MICRO, 32).state_dict()
+
+
+def load(path, pretrain='in21k'):
+    return models.create_backbone('vit_micro_patch8', pretrain, weights=str(path), img_size=32)
+
+
+def test_missing_block(tmp_path, good_sd):
+    sd = {k: v for k, v in good_sd.items() if not k.startswith('blocks.3.')}
+    torch.save(sd, tmp_path / 'w.pth')
+    with pytest.raises(models.CheckpointError, match=r"(?s)w\.pth.*timm state dict.*missing keys: blocks\.3\.attn"):
+        load(tmp_path / 'w.pth')
+
+
+def test_renamed_key(tmp_path, good_sd):
+    good_sd['blocks.0.attn.qkv_renamed.weight'] = good_sd.pop('blocks.0.attn.qkv.weight')
+    torch.save({'model': good_sd}, tmp_path / 'mae.pth')
+    with pytest.raises(models.CheckpointError,
+                       match=r"(?s)MAE.*missing keys: blocks\.0\.attn\.qkv\.weight.*unexpected keys: blocks\.0\.attn\.qkv_renamed"):
+        load(tmp_path / 'mae.pth', 'mae')
+
+
+def test_wrong_shape_and_wrong_arch(tmp_path, good_sd):
+    good_sd['blocks.1.mlp.fc1.weight'] = torch.zeros(100, 64)
+    torch.save(good_sd, tmp_path / 'w.pth')
+    with pytest.raises(models.CheckpointError, match=r"shape mismatches: blocks\.1\.mlp\.fc1\.weight \(100, 64\) vs model \(256, 64\)"):
+        load(tmp_path / 'w.pth')
+    nano = timm_vit(models.ARCHS['vit_nano_patch8'], 32).state_dict()
+    torch.save(nano, tmp_path / 'nano.pth')
+    with pytest.raises(models.CheckpointError, match=r"(?s)missing keys: blocks\.2.*check --arch"):
+        load(tmp_path / 'nano.pth')
+
+
+def test_unknown_extra_key_is_an_error(tmp_path, good_sd):
+    good_sd['fc_norm.weight'] = torch.ones(64)   # e.g. an MAE *fine-tuned* file: not a pre-trained encoder
+    torch.save(good_sd, tmp_path / 'w.pth')
+    with pytest.raises(models.CheckpointError, match=r"unexpected keys: fc_norm\.weight"):
+        load(tmp_path / 'w.pth')
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / 'notes.pth').write_text('these are not weights')
+    with pytest.raises(models.CheckpointError, match=r"notes\.pth: cannot be read as a checkpoint"):
+        load(tmp_path / 'notes.pth')
+    torch.save([1, 2, 3], tmp_path / 'list.pth')
+    with pytest.raises(models.CheckpointError, match=r"list\.pth: holds a list, not a state dict"):
+        load(tmp_path / 'list.pth')
+    np.savez(tmp_path / 'other.npz', a=np.zeros(3))
+    with pytest.raises(models.CheckpointError, match=r"other\.npz: .*not a Google ViT checkpoint"):
+        load(tmp_path / 'other.npz')
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(models.CheckpointError, match=r"weights file not found: .*nowhere\.pth"):
+        load(tmp_path / 'nowhere.pth')
+
+
+def test_mocov3_needs_weights():
+    with pytest.raises(models.CheckpointError, match=r"mocov3.*--weights"):
+        models.create_backbone('vit_micro_patch8', 'mocov3', img_size=32)
+
+
+def run_py(code, env_extra):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, '-c', code], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_hub_unreachable_without_cache(tmp_path):
+    code = ("import models\n"
+            "try:\n    models.create_backbone('vit_base_patch16_224', 'mae')\n"
+            "except models.CheckpointError as e:\n    print('ERROR:', e)\n")
+    r = run_py(code, {'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')})
+    assert r.returncode == 0, r.stderr
+    assert "ERROR: cannot get the weights of 'vit_base_patch16_224.mae'" in r.stdout
+    assert '--weights' in r.stdout and 'hf download timm/vit_base_patch16_224.mae' in r.stdout
+    assert 'models--timm--vit_base_patch16_224.mae' in r.stdout
+
+
+def test_hub_weights_from_cache(tmp_path):
+    """A pre-filled Hugging Face cache (the layout `hf download` writes) is used offline, and the
+    real hub file's 21843-class head is dropped by name."""
+    src = timm_vit(models.ARCHS['vit_tiny_patch16_224'], 224, num_classes=21843, perturb=True)
+    snap = tmp_path / 'hf' / 'hub' / 'models--timm--vit_tiny_patch16_224.augreg_in21k'
+    rev = 'a' * 40
+    (snap / 'snapshots' / rev).mkdir(parents=True)
+    (snap / 'refs').mkdir()
+    (snap / 'refs' / 'main').write_text(rev)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(snap / 'snapshots' / rev / 'model.safetensors'))
+    x = torch.randn(1, 3, 224, 224)
+    torch.save(x, tmp_path / 'x.pt')
+    code = ("import torch, models\n"
+            "m = models.create_backbone('vit_tiny_patch16_224', 'in21k-augreg').eval()\n"
+            f"x = torch.load(r'{tmp_path / 'x.pt'}')\n"
+            f"torch.save((m.identity, m.forward_features(x).detach()), r'{tmp_path / 'out.pt'}')\n")
+    r = run_py(code, {'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')})
+    assert r.returncode == 0, r.stderr
+    identity, feats = torch.load(tmp_path / 'out.pt')
+    assert identity == 'vit_tiny_patch16_224.augreg_in21k'
+    with torch.no_grad():
+        assert max_diff(feats, src.forward_features(x)) <= 1e-5
