@@ -11,8 +11,8 @@ Conventions, and where they come from:
   per line, labels 0-based and used as they are.
 - digits: scikit-learn's bundled 8x8 handwritten digits (real data, no download), split 800/200/rest
   like VTAB-1k, upsampled to the model's input size. The offline demo and CI data.
-- Transforms: VPT for FGVC (Resize 256 -> RandomCrop/CenterCrop 224 -> flip when training), SA²VP for
-  VTAB (Resize((224, 224)), no augmentation). mean/std are the caller's choice (ImageNet for
+- Transforms: VPT for FGVC (Resize 256 -> RandomCrop/CenterCrop 224 -> flip when training), SA²VP
+  datasets.py for VTAB (Resize((224, 224)), no augmentation). mean/std are the caller's choice (ImageNet for
   VPT/SPT/LSPT, 0.5 for SA²VP).
 
 Nothing is skipped or clamped: a missing folder, a missing or malformed split file, a label out of
@@ -85,7 +85,7 @@ def num_classes(name):
 
 
 def default_data_root():
-    """The environment variable VPT_DATA_ROOT if set, else './data'."""
+    """The environment variable VPT_DATA_ROOT if set (non-empty), else './data'."""
     return os.environ.get('VPT_DATA_ROOT') or './data'
 
 
@@ -94,12 +94,12 @@ def expected_layout(name, folder=None):
     if _kind(name) == 'fgvc':
         img = f"{FGVC[name][1]}/" if FGVC[name][1] else ''
         return (f"{folder or Path('<root>', FGVC[name][0])}/\n"
-                f"    train.json, val.json, test.json   VPT's split files, each {{\"<relative path>\": <integer label>, ...}}\n"
+                f"    train.json, val.json, test.json   VPT's split files, each {{\"<relative path>\": <label>, ...}}\n"
                 f"    {img}<relative path>{' ' * (19 - len(img))}the images")
     if _kind(name) == 'vtab':
         return (f"{folder or Path('<root>', 'vtab-1k', name[5:])}/\n"
-                f"    train800.txt, val200.txt, train800val200.txt, test.txt   lines \"<relative path> <label>\" (NOAH get_vtab1k.py)\n"
-                f"    images/<split>/000000.jpg, ...                           the images")
+                f"    train800.txt, val200.txt, train800val200.txt, test.txt   lines \"<relative path> <label>\"\n"
+                f"    images/<split>/000000.jpg, ...                           the images (NOAH get_vtab1k.py)")
     return "digits is bundled with scikit-learn; it has no folder"
 
 
@@ -143,8 +143,8 @@ def build_transform(name, train, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_
 
     FGVC (VPT): Resize(256) -> RandomCrop(224) -> RandomHorizontalFlip when training,
                 Resize(256) -> CenterCrop(224) otherwise; 256 scales as round(img_size * 256 / 224).
-    VTAB (SA²VP, NOAH): Resize((224, 224)), the same for training and evaluation.
-    Resize is bilinear, as in VPT and SA²VP.
+    VTAB (SA²VP datasets.py; VPT's tf.image.resize): Resize((224, 224)), the same for training and evaluation.
+    Resize is PIL bilinear (torchvision's default), as in VPT's and SA²VP's torch pipelines.
     """
     kind = _kind(name)
     if kind == 'digits':
@@ -206,9 +206,8 @@ def read_fgvc(name, split, folder, strict_classes=True):
 
 def read_vtab(name, split, folder):
     """[(image path, label)] of one VTAB-1k split file; lines "<path relative to the task folder> <label>"."""
-    split = SPLIT_ALIASES.get(split, split)
     if split not in VTAB_SPLITS:
-        raise ValueError(f"VTAB split must be one of {VTAB_SPLITS}, got {split!r}")
+        raise ValueError(f"VTAB split must be one of {VTAB_SPLITS} (or {tuple(SPLIT_ALIASES)}), got {split!r}")
     classes = VTAB[name[5:]]
     path = folder / f'{split}.txt'
     if not path.is_file():
@@ -237,7 +236,8 @@ def load_image(path):
         with Image.open(path) as im:
             return im.convert('RGB')
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path} (python data.py --check NAME lists every missing file)") from None
+        msg = f"image file not found: {path} (`python data.py --check NAME` lists all missing files)"
+        raise FileNotFoundError(msg) from None
     except Exception as e:
         raise RuntimeError(f"cannot read image {path}: {e}") from e
 
@@ -399,8 +399,9 @@ def check(name, root=None):
             missing = [p for p, _ in ds.samples if not os.path.isfile(p)]
             if missing:
                 shown = '\n  '.join(missing[:10])
-                raise FileNotFoundError(f"{name} {split}: {len(missing)} of {len(ds.samples)} image files are missing, e.g.\n  {shown}")
-            lines = [f"{Path(p).relative_to(ds.root).as_posix()} {label}" for p, label in ds.samples]
+                raise FileNotFoundError(f"{name} {split}: {len(missing)} of {len(ds.samples)} image files are missing, "
+                                        f"e.g.\n  {shown}")
+            lines = [f"{Path(os.path.relpath(p, ds.root)).as_posix()} {label}" for p, label in ds.samples]
         digest = hashlib.sha256('\n'.join(sorted(lines)).encode()).hexdigest()[:16]
         rows.append((split, len(ds.samples), len({label for _, label in ds.samples}), digest))
     return rows
