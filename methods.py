@@ -187,7 +187,7 @@ class SPT(VPT):
     Head: trunc-normal std 0.02 (0.01 for MoCo v3), zero bias."""
 
     def __init__(self, backbone, num_classes, prompts=None, depth='deep', spt_init='kmeans',
-                 spt_kmeans_tokens=16384, readout=None):
+                 spt_kmeans_tokens=8192, readout=None):
         if prompts is None:
             prompts = 20 if depth == 'deep' else 100  # the official README's values
         if spt_init not in ('random', 'mean', 'max', 'kmeans'):
@@ -217,13 +217,25 @@ class SPT(VPT):
 
     @torch.no_grad()
     def init_prompts(self, loader, strategy=None, generator=None):
-        """Initialise the prompts from the training images in `loader` (eval transform). Streams
-        the loader once; memory is bounded by the reservoir sizes above."""
+        """Initialise the prompts from the training images in `loader` (eval transform).
+        kmeans streams the whole loader once, keeping a bounded reservoir of tokens per layer.
+        random/mean/max need only P tokens per layer: when the loader has a `.dataset`, the P
+        (image, token) pairs of each layer are drawn uniformly without replacement first and only
+        those images are run (the same distribution as streaming everything, at a cost of <= P*L
+        images instead of an epoch); any other iterable of (x, y) batches is streamed."""
         strategy = strategy or self.spt_init
-        P, dev = self.num_prompts, self.prompts.device
         g = generator or torch.Generator(device='cpu').manual_seed(0)
         was_training = self.training
         self.eval()
+        if strategy != 'kmeans' and hasattr(loader, 'dataset') and hasattr(loader.dataset, '__len__'):
+            self._init_from_drawn_images(loader, strategy, g)
+        else:
+            self._init_streaming(loader, strategy, g)
+        self.train(was_training)
+        return self
+
+    def _init_streaming(self, loader, strategy, g):
+        P, dev = self.num_prompts, self.prompts.device
         keep = P if strategy != 'kmeans' else max(self.spt_kmeans_tokens, P)
         reservoirs = [Reservoir(keep) for _ in range(self.prompts.shape[0])]
         for x, _ in loader:
@@ -236,8 +248,28 @@ class SPT(VPT):
             if pts.shape[0] < P:
                 raise ValueError(f"SPT needs at least {P} tokens per layer, the loader gave {pts.shape[0]}")
             self.prompts[i] = kmeans(pts, P, generator=g)[0] if strategy == 'kmeans' else pts[:P]
-        self.train(was_training)
-        return self
+
+    def _init_from_drawn_images(self, loader, strategy, g):
+        ds, P, dev = loader.dataset, self.num_prompts, self.prompts.device
+        slots = self.backbone.num_patches if strategy == 'random' else P     # tokens per image
+        if len(ds) * slots < P:
+            raise ValueError(f"SPT needs at least {P} tokens per layer, the dataset has {len(ds) * slots}")
+        # for each layer, P distinct (image, slot) pairs, uniformly without replacement
+        picks = [torch.randperm(len(ds) * slots, generator=g)[:P] for _ in range(self.prompts.shape[0])]
+        images = torch.unique(torch.cat(picks) // slots)                      # sorted image indices
+        pos = {int(im): j for j, im in enumerate(images)}
+        sub = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, images.tolist()),
+                                          batch_size=loader.batch_size or 32, shuffle=False)
+        start = 0
+        for x, _ in sub:
+            for i, tok in enumerate(self.layer_tokens(x.to(dev))):            # tok: (b, N, D)
+                if strategy in ('mean', 'max'):
+                    tok = window_pool(tok, P, strategy)                       # (b, P, D)
+                for k, flat in enumerate(picks[i].tolist()):
+                    j = pos[flat // slots] - start
+                    if 0 <= j < tok.shape[0]:
+                        self.prompts[i, k] = tok[j, flat % slots]
+            start += x.shape[0]
 
 
 class Reservoir:
