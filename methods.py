@@ -306,7 +306,7 @@ def window_pool(tok, P, how):
             raise ValueError(f"SPT mean/max pooling needs P - 1 <= N tokens (P={P}, N={N})")
         r = N % w or N
     red = (lambda a: a.mean(2)) if how == 'mean' else (lambda a: a.amax(2))
-    head = red(tok[:, :(P - 1) * w].reshape(tok.shape[0], P - 1, w, -1))      # (B, P-1, D)
+    head = red(tok[:, :(P - 1) * w].reshape(tok.shape[0], P - 1, w, tok.shape[-1]))      # (B, P-1, D)
     last = red(tok[:, N - r:].unsqueeze(1))                                    # (B, 1, D)
     return torch.cat([head, last], dim=1)
 
@@ -325,14 +325,17 @@ def kmeans(x, k, iters=100, n_init=3, tol=1e-6, generator=None, chunk=8192):
 
     best = (None, float('inf'))
     for _ in range(n_init):
-        # k-means++: each next seed drawn with probability proportional to D(x)^2
+        # greedy k-means++ (as scikit-learn): 2 + ln k candidates drawn with probability
+        # proportional to D(x)^2, keep the one that lowers the total D^2 the most
         c = x[torch.randint(x.shape[0], (1,), generator=g)]
         d2 = dists(c)[:, 0]
+        trials = 2 + int(math.log(k))
         for _ in range(1, k):
             probs = (d2 / d2.sum()).cpu() if d2.sum() > 0 else torch.ones(x.shape[0]) / x.shape[0]
-            nxt = x[torch.multinomial(probs, 1, generator=g).to(x.device)]
-            c = torch.cat([c, nxt])
-            d2 = torch.minimum(d2, dists(nxt)[:, 0])
+            cand = x[torch.multinomial(probs, trials, replacement=True, generator=g).to(x.device)]
+            new_d2 = torch.minimum(d2[:, None], dists(cand))                    # (M, trials)
+            j = new_d2.sum(0).argmin()
+            c, d2 = torch.cat([c, cand[j:j + 1]]), new_d2[:, j]
         for _ in range(iters):  # Lloyd
             assign = dists(c).argmin(1)
             counts = torch.bincount(assign, minlength=k).float()
@@ -536,7 +539,7 @@ class SA2VP(Tuner):
 
     backbone_train_mode = True
     B2P = (0, 4, 8)     # layers where the prompt queries the base
-    DEEP = (4, 8)       # layers with a new deep prompt map
+    DEEP = (4, 8)       # layers with a new deep prompt map (those the backbone has)
 
     def __init__(self, backbone, num_classes, sa2vp_dim=16, sa2vp_gamma=0.1, sa2vp_lambda=0.8,
                  sa2vp_window=3, sa2vp_dropout=True):
@@ -548,12 +551,13 @@ class SA2VP(Tuner):
             if isinstance(m, nn.Dropout):
                 m.p = drop
         self.gamma, self.lam, self.window = sa2vp_gamma, sa2vp_lambda, sa2vp_window
+        self.deep_layers = [l for l in self.DEEP if l < len(backbone.blocks)]
         self.ppt = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, N1, t), std=0.02))        # (1, 1+N, t)
         self.ppt_proj = nn.Linear(t, D)
         self.adapters = nn.ModuleList([Adapter(D, t, drop) for _ in backbone.blocks])
-        self.deep_scale = nn.Parameter(torch.randn(len(self.DEEP), D) * 0.02)                  # e_k ('cross_conv')
-        self.deep_ppt = nn.Parameter(nn.init.trunc_normal_(torch.empty(len(self.DEEP), 1, N1, t), std=0.02))
-        self.deep_proj = nn.ModuleList([nn.Linear(t, D) for _ in self.DEEP])
+        self.deep_scale = nn.Parameter(torch.randn(len(self.deep_layers), D) * 0.02)                  # e_k ('cross_conv')
+        self.deep_ppt = nn.Parameter(nn.init.trunc_normal_(torch.empty(len(self.deep_layers), 1, N1, t), std=0.02))
+        self.deep_proj = nn.ModuleList([nn.Linear(t, D) for _ in self.deep_layers])
         for fc in [self.ppt_proj, *self.deep_proj]:
             nn.init.xavier_uniform_(fc.weight)
             nn.init.normal_(fc.bias, std=1e-6)
@@ -584,8 +588,8 @@ class SA2VP(Tuner):
         h = h + blk.mlp(blk.norm2(h))                                         # Block_l(h)
         p = p + attn.proj(attn.merge_heads(F.scaled_dot_product_attention(qp, kp, vp)))
         p = p + blk.mlp(blk.norm2(p))                                         # Block_l(p)
-        if l in self.DEEP:  # Eq. 5 as coded: O = Block_l(O) + e_k * Block_l(P^l)
-            k = self.DEEP.index(l)
+        if l in self.deep_layers:  # Eq. 5 as coded: O = Block_l(O) + e_k * Block_l(P^l)
+            k = self.deep_layers.index(l)
             d = self.deep_proj[k](self.deep_ppt[k]).expand(h.shape[0], -1, -1)   # (B, 1+N, D), no pos-embed
             p = p + self.deep_scale[k] * blk(d)
         if b2p:
