@@ -311,12 +311,14 @@ def window_pool(tok, P, how):
     return torch.cat([head, last], dim=1)
 
 
-def kmeans(x, k, iters=100, n_init=3, tol=1e-6, generator=None, chunk=8192):
-    """k-means on the rows of x (M, D): k-means++ seeding, then Lloyd iterations until the
-    centroids stop moving; the best of n_init runs. Runs on x's device. Returns (centroids, inertia)."""
+def kmeans(x, k, iters=100, n_init=3, tol=1e-4, generator=None, chunk=8192):
+    """k-means on the rows of x (M, D): greedy k-means++ seeding, then Lloyd iterations until no
+    assignment changes or the centroids move less than scikit-learn's tolerance (tol times the mean
+    per-dimension variance); the best of n_init runs. Runs on x's device. Returns (centroids, inertia)."""
     g = generator or torch.Generator(device='cpu').manual_seed(0)
     x = x.float()
     sq = (x * x).sum(1)
+    tol = tol * x.var(0).mean()
 
     def dists(c):  # squared distances (M, k), in chunks to bound memory
         cc = (c * c).sum(1)
@@ -336,14 +338,16 @@ def kmeans(x, k, iters=100, n_init=3, tol=1e-6, generator=None, chunk=8192):
             new_d2 = torch.minimum(d2[:, None], dists(cand))                    # (M, trials)
             j = new_d2.sum(0).argmin()
             c, d2 = torch.cat([c, cand[j:j + 1]]), new_d2[:, j]
+        assign = None
         for _ in range(iters):  # Lloyd
-            assign = dists(c).argmin(1)
+            prev, assign = assign, dists(c).argmin(1)
+            if prev is not None and torch.equal(prev, assign):
+                break
             counts = torch.bincount(assign, minlength=k).float()
             sums = torch.zeros_like(c).index_add_(0, assign, x)
             new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)  # empty: keep
-            shift = (new - c).pow(2).sum()
-            c = new
-            if shift <= tol * (c * c).sum():
+            shift, c = (new - c).pow(2).sum(), new
+            if shift <= tol:
                 break
         inertia = dists(c).min(1).values.sum().item()
         if inertia < best[1]:
