@@ -363,7 +363,8 @@ def build_loader(dataset, batch_size, train, workers=4, distributed=False, seed=
     drop_last=False (a ViT has no batch statistics, so a short last batch is harmless).
     eval: in order; under DDP each rank takes ShardSampler's rank::world_size share, unpadded.
     distributed: the caller passes torch.distributed.is_initialized().
-    Augmentation randomness comes from torch's global RNG (worker seeds are drawn from it each epoch).
+    Augmentation randomness comes from torch's global RNG (worker seeds are drawn from it each epoch;
+    train workers are therefore not persistent).
     """
     if train:
         if distributed:
@@ -372,9 +373,11 @@ def build_loader(dataset, batch_size, train, workers=4, distributed=False, seed=
             sampler = TrainSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
     else:
         sampler = ShardSampler(dataset) if distributed else None  # None: sequential
+    # train workers are not persistent: each epoch's workers get fresh seeds from torch's global RNG,
+    # which train.py checkpoints, so augmentation after a resume is the same as without one
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False,
                       num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0 and not train)
 
 
 # -----------------------------------------------------------------------------

@@ -396,7 +396,8 @@ def create_backbone(arch, pretrain='none', weights=None, img_size=224, drop_rate
     """Build a frozen-ready ViT and load its weights (SPEC §2-3).
     arch: a timm architecture name (see ARCHS). pretrain: none | in21k | in21k-augreg | mae | mocov3.
     weights: a local file in any supported format; without it, the hub weights of the pretrain tag.
-    The returned model carries .pretrain, .identity (tag or file hash), .readout, .mean and .std."""
+    The returned model carries .pretrain, .identity (hub tag, 'sha256:<16 hex>' of a local file, or
+    'random'), .readout, .mean and .std."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
     if pretrain not in PRETRAIN:
@@ -414,8 +415,8 @@ def create_backbone(arch, pretrain='none', weights=None, img_size=224, drop_rate
         weights, identity = hub_weights(arch, tag), f'{arch}.{tag}'
     if weights is not None:
         model.weights_format = load_weights(model, weights)
-        if identity == 'random':  # a local file: identified by its content
-            identity = f'file:{os.path.basename(weights)}:sha256:{file_digest(weights)}'
+        if identity == 'random':  # a local file: identified by its content, whatever its name
+            identity = f'sha256:{file_digest(weights)}'
     model.pretrain, model.identity, model.readout, model.mean, model.std = pretrain, identity, readout, mean, std
     model.arch = arch
     return model

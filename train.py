@@ -1,0 +1,602 @@
+"""
+Train a prompt-tuning method (or a baseline) on a frozen ViT: one readable loop, plain argparse.
+
+    python train.py --method vpt --pretrain in21k --data cub                  # VPT's recipe, nothing else
+    torchrun --nproc_per_node=4 train.py --method sa2vp --data cub            # same global batch of 64
+
+Every knob is a flag; the per-method defaults are the papers' recipes (RECIPES below, SPEC §4) and
+`--help` shows them. The loop: per-step linear warmup then cosine, SGD or AdamW with absolute learning
+rates, bf16 autocast on CUDA (fp16 + GradScaler on request, fp32 on CPU), gradient accumulation,
+torchrun DDP whose global batch does not depend on the number of processes, atomic checkpoints of the
+tuned tensors only, an exact resume, one JSON line per epoch.
+
+Recipes from the official code: KMnP/vpt (VPT, linear, full: src/solver, configs), WangYZ1608/
+Self-Prompt-Tuning (SPT), GaPT (LSPT follows it), tommy-xq/SA2VP. Style: karpathy/nanoGPT's train.py.
+
+Outputs in --out (default runs/<method>-<data>-<pretrain>-seed<seed>):
+    metrics.jsonl  one JSON object per epoch (epoch, train_loss, eval_accuracy, lr, images_per_s, peak_mem_mb, time)
+    result.json    method, data, eval_split, accuracy (final epoch, %), tuned_params, total_params, epochs, config
+    last.pt        tuned tensors only, optimizer, scaler, step, epoch, RNG states, args, backbone identity
+
+Testing aids: --max-steps-per-epoch N, --stop-after-epoch E (behaves like a kill after epoch E), and the
+environment variable VPT_FORCE_NAN_STEP=k, which multiplies the loss of global step k (0-based) by NaN.
+"""
+
+import argparse
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import methods
+import models
+
+# -----------------------------------------------------------------------------
+# the papers' recipes (SPEC §4); lr is absolute at the given batch size, wd_head None = same as wd
+
+RECIPES = {
+    # VPT's baselines (KMnP/vpt); their lr is a starting point, VPT tunes it on val per dataset
+    'linear': dict(optimizer='sgd', lr=0.1, wd=0, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0),
+    'full': dict(optimizer='sgd', lr=0.0025, wd=1e-4, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
+                 min_lr=0),
+    # VPT: base lr 1.0 at batch 256 -> 0.25 at 64; wd on every tuned tensor but the head bias
+    'vpt': dict(optimizer='sgd', lr=0.25, wd=1e-3, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0),
+    # SPT: wd 1e-2 on the prompts, 1.0 on the head weight, none on biases / 1-D tensors
+    'spt': dict(optimizer='adamw', lr=1e-3, wd=1e-2, wd_head=1.0, batch_size=32, epochs=100, warmup_epochs=10,
+                min_lr=1e-8),
+    # LSPT follows GaPT's recipe
+    'lspt': dict(optimizer='sgd', lr=0.1, wd=0, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0),
+    # SA²VP: wd not on biases and 1-D tensors
+    'sa2vp': dict(optimizer='adamw', lr=1e-3, wd=1e-4, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
+                  min_lr=1e-7),
+}
+MOMENTUM = 0.9  # SGD momentum in every SGD recipe
+
+# build_model options: the CLI flags with _ for - (None = the method's default)
+MODEL_OPTIONS = ('prompts', 'depth', 'prompt_dropout', 'readout', 'spt_init', 'spt_kmeans_tokens', 'lspt_gspc',
+                 'lspt_lpc', 'sa2vp_dim', 'sa2vp_gamma', 'sa2vp_lambda', 'sa2vp_window', 'sa2vp_dropout')
+# what --resume may change; every other explicitly given flag must equal the checkpoint's value
+RESUME_OVERRIDES = {'resume', 'overwrite', 'out', 'workers', 'data_root', 'weights', 'log_interval',
+                    'stop_after_epoch', 'compile'}
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or must stop; the CLI prints the message and exits with status 1."""
+
+
+def recipe(key):
+    show = lambda v: 'same as --wd' if v is None else v if isinstance(v, str) else format(v, 'g')  # noqa: E731
+    values = {show(r[key]) for r in RECIPES.values()}
+    if len(values) == 1:
+        return f"recipe: {values.pop()} for every method"
+    return 'recipe: ' + ', '.join(f"{m} {show(r[key])}" for m, r in RECIPES.items())
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train a visual prompt-tuning method on a frozen ViT with its paper's "
+                                "recipe; every recipe value can be overridden.", allow_abbrev=False)
+    g = p.add_argument_group('model and data')
+    g.add_argument('--method', choices=list(methods.METHODS), help="(required)")
+    g.add_argument('--arch', default='vit_base_patch16_224', choices=list(models.ARCHS), help="(default: %(default)s)")
+    g.add_argument('--pretrain', default='in21k', choices=list(models.PRETRAIN), help="(default: %(default)s)")
+    g.add_argument('--weights', default=None, help="local weights file (any format of models.py); default: the "
+                   "hub weights of --pretrain from the Hugging Face cache")
+    g.add_argument('--data', choices=data.DATASETS, metavar='NAME', help="cub, nabirds, flowers, dogs, cars, "
+                   "vtab-<task>, digits (required)")
+    g.add_argument('--data-root', default=None, help="(default: $VPT_DATA_ROOT or ./data)")
+    g.add_argument('--eval-split', default='val', choices=['val', 'test'], help="val: train on train, report val; "
+                   "test: train on FGVC train / VTAB train800val200, report test (default: %(default)s)")
+    g.add_argument('--img-size', type=int, default=224, help="(default: %(default)s)")
+    g.add_argument('--mean', type=float, nargs=3, default=None, help="normalisation (default: the backbone's)")
+    g.add_argument('--std', type=float, nargs=3, default=None, help="normalisation (default: the backbone's)")
+    g = p.add_argument_group('recipe (default: the method\'s paper recipe)')
+    g.add_argument('--epochs', type=int, default=None, help=recipe('epochs'))
+    g.add_argument('--batch-size', type=int, default=None, help="global batch, whatever the number of processes; "
+                   + recipe('batch_size'))
+    g.add_argument('--lr', type=float, default=None, help="peak learning rate, absolute (no batch scaling); "
+                   + recipe('lr') + "; the baselines' lr should be tuned on val")
+    g.add_argument('--wd', type=float, default=None, help="weight decay (SGD: all tuned tensors but the head bias; "
+                   "AdamW: not on biases and 1-D tensors); " + recipe('wd'))
+    g.add_argument('--wd-head', type=float, default=None, help="weight decay of the head weight; " + recipe('wd_head'))
+    g.add_argument('--optimizer', choices=['sgd', 'adamw'], default=None, help=recipe('optimizer'))
+    g.add_argument('--momentum', type=float, default=MOMENTUM, help="SGD momentum (default: %(default)s)")
+    g.add_argument('--warmup-epochs', type=float, default=None, help="linear warmup from 0, per step; "
+                   + recipe('warmup_epochs'))
+    g.add_argument('--min-lr', type=float, default=None, help="end of the cosine; " + recipe('min_lr'))
+    g = p.add_argument_group('method options (default: the method\'s own, see methods.py)')
+    g.add_argument('--prompts', type=int, default=None, help="prompt tokens per set (vpt 50, spt 20 deep / 100 "
+                   "shallow, lspt 100)")
+    g.add_argument('--depth', choices=['shallow', 'deep'], default=None, help="vpt, spt (default: deep)")
+    g.add_argument('--prompt-dropout', type=float, default=None, help="vpt (0.1 deep, 0 shallow), lspt (0.1)")
+    g.add_argument('--readout', choices=['cls', 'mean', 'mean-ln'], default=None, help="default: the backbone's "
+                   "(mae: mean; else cls); mean-ln is VPT's fresh LayerNorm for MAE")
+    g.add_argument('--spt-init', choices=['random', 'mean', 'max', 'kmeans'], default=None, help="spt (kmeans)")
+    g.add_argument('--spt-kmeans-tokens', type=int, default=None, help="spt k-means subsample per layer (16384)")
+    g.add_argument('--lspt-gspc', choices=['mean', 'kmeans', 'none'], default=None, help="lspt (mean)")
+    g.add_argument('--lspt-lpc', choices=['lstm', 'gru', 'none'], default=None, help="lspt (lstm)")
+    g.add_argument('--sa2vp-dim', type=int, default=None, help="sa2vp t (default: per dataset, "
+                   "methods.SA2VP_SETTINGS, else %d)" % methods.SA2VP_DEFAULT[0])
+    g.add_argument('--sa2vp-gamma', type=float, default=None, help="sa2vp gamma (default: per dataset, "
+                   "methods.SA2VP_SETTINGS, else %g)" % methods.SA2VP_DEFAULT[1])
+    g.add_argument('--sa2vp-lambda', type=float, default=None, help="sa2vp loss weight of the base logits (0.8)")
+    g.add_argument('--sa2vp-window', type=int, default=None, help="sa2vp window c (3)")
+    g.add_argument('--no-sa2vp-dropout', dest='sa2vp_dropout', action='store_false', default=None,
+                   help="sa2vp: turn off the official dropout 0.1 in the frozen backbone and cross blocks")
+    g = p.add_argument_group('system')
+    g.add_argument('--seed', type=int, default=0, help="(default: %(default)s)")
+    g.add_argument('--amp', choices=['auto', 'none', 'bf16', 'fp16'], default='auto', help="auto: bf16 on CUDA, "
+                   "fp32 on CPU; fp16 uses a GradScaler (default: %(default)s)")
+    g.add_argument('--compile', action='store_true', help="torch.compile the training step")
+    g.add_argument('--accum', type=int, default=1, help="gradient accumulation: each process runs batch-size / "
+                   "(processes x accum) images per micro-step, one optimizer step per accum micro-steps "
+                   "(default: %(default)s)")
+    g.add_argument('--workers', type=int, default=4, help="data loader workers per process (default: %(default)s)")
+    g.add_argument('--eval-every', type=int, default=1, help="evaluate every N epochs; the last epoch always "
+                   "(default: %(default)s)")
+    g.add_argument('--log-interval', type=int, default=20, help="steps between progress lines (default: %(default)s)")
+    g.add_argument('--out', default=None, help="run directory (default: runs/<method>-<data>-<pretrain>-seed<seed>)")
+    g.add_argument('--resume', action='store_true', help="continue from --out/last.pt with its recorded configuration")
+    g.add_argument('--overwrite', action='store_true', help="start afresh in a directory that holds a run")
+    g = p.add_argument_group('testing aids')
+    g.add_argument('--max-steps-per-epoch', type=int, default=None, help="cap the optimizer steps per epoch "
+                   "(the schedule uses the capped count)")
+    g.add_argument('--stop-after-epoch', type=int, default=None, help="stop (as if killed) after this epoch's "
+                   "checkpoint; continue with --resume")
+    return p
+
+
+def default_out(args):
+    return os.path.join('runs', f'{args.method}-{args.data}-{args.pretrain}-seed{args.seed}')
+
+
+def parse_args(argv=None):
+    """The command line -> (resolved configuration dict, set of explicitly given keys).
+    Recipe values left at None are filled in from RECIPES[method]; SA²VP's t and gamma from its table."""
+    parser = build_parser()
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != 'help'})
+    parser.parse_args(argv, namespace=ns)  # argparse only fills in defaults for missing attributes
+    explicit = {k for k, v in vars(ns).items() if v is not unset}
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    if not args.resume and (args.method is None or args.data is None):
+        parser.error("--method and --data are required")
+    if args.resume and args.out is None and (args.method is None or args.data is None):
+        parser.error("--resume needs --out, or --method and --data to find the default run directory")
+    cfg = vars(args)
+    if args.method is not None:
+        for k, v in RECIPES[args.method].items():
+            if cfg[k] is None:
+                cfg[k] = v
+        if args.method == 'sa2vp':
+            t, gamma = methods.SA2VP_SETTINGS.get(args.data, methods.SA2VP_DEFAULT)
+            cfg['sa2vp_dim'] = t if cfg['sa2vp_dim'] is None else cfg['sa2vp_dim']
+            cfg['sa2vp_gamma'] = gamma if cfg['sa2vp_gamma'] is None else cfg['sa2vp_gamma']
+        cfg['out'] = cfg['out'] or default_out(args)
+    if cfg['weights'] is not None:
+        cfg['weights'] = os.path.abspath(cfg['weights'])
+    return cfg, explicit
+
+
+# -----------------------------------------------------------------------------
+# building blocks shared with eval.py
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build(cfg, device, weights=None):
+    """The backbone and the method's model from a resolved configuration; fills in cfg['mean'] / cfg['std']
+    with the backbone's when unset. Seeded, so a random (--pretrain none) backbone is rebuilt identically by
+    eval.py. `weights` overrides cfg['weights']. Returns (model on device, num_classes)."""
+    seed_everything(cfg['seed'])
+    try:
+        backbone = models.create_backbone(cfg['arch'], cfg['pretrain'], weights or cfg['weights'], cfg['img_size'])
+    except models.CheckpointError as e:
+        raise RunError(str(e)) from None
+    cfg['mean'] = list(cfg['mean'] or backbone.mean)
+    cfg['std'] = list(cfg['std'] or backbone.std)
+    train_split, _ = data.split_names(cfg['data'], cfg['eval_split'])
+    num_classes = cfg.get('num_classes')  # recorded by a run (resume, eval.py)
+    if num_classes is None:  # FGVC: the head follows train.json (fewer classes with VPT_ALLOW_PARTIAL=1)
+        num_classes = (data.build_dataset(cfg['data'], train_split, cfg['data_root']).num_classes
+                       if cfg['data'] in data.FGVC else data.num_classes(cfg['data']))
+    options = {k: cfg[k] for k in MODEL_OPTIONS if cfg.get(k) is not None}
+    try:
+        model = methods.build_model(cfg['method'], backbone, num_classes, **options)
+    except (TypeError, ValueError) as e:
+        raise RunError(f"--method {cfg['method']}: {e}") from None
+    return model.to(device), num_classes
+
+
+def resolved_options(model, cfg):
+    """Every option of the method with its value in this run (the method's defaults filled in)."""
+    sig = inspect.signature(type(model).__init__).parameters
+    opts = {k: v.default for k, v in sig.items() if k not in ('self', 'backbone', 'num_classes')}
+    opts.update({k: cfg[k] for k in opts if cfg.get(k) is not None})
+    found = {'prompts': lambda: model.num_prompts, 'prompt_dropout': lambda: model.prompt_dropout.p,
+             'readout': lambda: model.readout}
+    for k in opts:
+        if opts[k] is None and k in found:
+            opts[k] = found[k]()
+    return opts
+
+
+def tuned_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_tuned(model, state, source):
+    """Load a tuned-tensor state dict; its keys must be exactly the model's tuned parameter names."""
+    names = tuned_names(model)
+    missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+    if missing or unexpected:
+        raise RunError(f"{source}: tuned tensors do not match the model: missing {missing[:8]}, "
+                       f"unexpected {unexpected[:8]}")
+    model.load_state_dict(state, strict=False)  # strict on the tuned names (checked above); shapes checked by torch
+
+
+def amp_dtype(amp, device):
+    """The autocast dtype, or None for fp32."""
+    if amp == 'auto':
+        return torch.bfloat16 if device.type == 'cuda' else None
+    return {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, dtype):
+    """Top-1 accuracy in percent; counts are summed over DDP ranks (each rank holds an unpadded shard)."""
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(x)                                   # (B, C)
+        counts[0] += (logits.argmax(-1) == y).sum()
+        counts[1] += y.numel()
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return 100.0 * counts[0].item() / max(counts[1].item(), 1)
+
+
+def peak_memory_mb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except ImportError:  # Windows
+        return float('nan')
+
+
+# -----------------------------------------------------------------------------
+# optimizer, schedule, checkpoints
+
+
+def make_optimizer(model, cfg):
+    """SGD (VPT's optimizer.py: weight decay on every tuned tensor but the head bias) or AdamW (no decay on
+    biases and 1-D tensors); the head weight takes --wd-head when it is set."""
+    groups = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if n == 'head.weight' and cfg['wd_head'] is not None:
+            wd = cfg['wd_head']
+        elif cfg['optimizer'] == 'sgd':
+            wd = 0.0 if n == 'head.bias' else cfg['wd']
+        else:
+            wd = 0.0 if (p.ndim <= 1 or n.endswith('.bias')) else cfg['wd']
+        groups.setdefault(wd, []).append(p)
+    params = [{'params': ps, 'weight_decay': wd} for wd, ps in groups.items()]
+    if cfg['optimizer'] == 'sgd':
+        return torch.optim.SGD(params, lr=cfg['lr'], momentum=cfg['momentum'])
+    return torch.optim.AdamW(params, lr=cfg['lr'])
+
+
+def lr_at(step, total, warmup, lr, min_lr):
+    """Linear warmup from 0 over `warmup` steps, then cosine from lr to min_lr at `total` steps."""
+    if step < warmup:
+        return lr * step / warmup
+    if total <= warmup:
+        return lr
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def rng_state():
+    st = np.random.get_state()
+    s = {'python': random.getstate(), 'torch': torch.get_rng_state(),
+         'numpy': [st[0], torch.from_numpy(st[1].astype(np.int64)), st[2], st[3], st[4]]}
+    if torch.cuda.is_available():
+        s['cuda'] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s):
+    random.setstate(s['python'])
+    torch.set_rng_state(s['torch'])
+    name, keys, pos, has_gauss, cached = s['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if 'cuda' in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s['cuda'])
+
+
+def atomic_save(obj, path):
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_json(obj, path):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise RunError(f"cannot resume: {path} does not exist")
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+class LossModule(nn.Module):
+    """forward(x, y) = model.loss(x, y), so that DDP (which hooks forward) sees the training loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return self.model.loss(x, y)
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def setup_distributed():
+    """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: nccl on GPU, gloo on CPU."""
+    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
+        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if torch.cuda.is_available():
+        local = int(os.environ.get('LOCAL_RANK', 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group('nccl')
+        return dist.get_rank(), dist.get_world_size(), torch.device('cuda', local)
+    dist.init_process_group('gloo')
+    return dist.get_rank(), dist.get_world_size(), torch.device('cpu')
+
+
+def main(argv=None):
+    """Run training; returns the result dict (None when stopped by --stop-after-epoch)."""
+    rank, world, device = setup_distributed()
+    try:
+        return run(argv, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(argv, rank, world, device):
+    cfg, explicit = parse_args(argv)
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    # ---- the run directory: a fresh start, an overwrite, or a resume
+    out = cfg['out']
+    ckpt_path, result_path, metrics_path = (os.path.join(out, f) for f in ('last.pt', 'result.json', 'metrics.jsonl'))
+    ckpt = None
+    if cfg['resume']:
+        ckpt = load_checkpoint(ckpt_path)
+        rec, cfg_given = ckpt['args'], cfg
+        if 'method' in explicit and cfg['method'] != rec['method']:
+            raise RunError(f"cannot resume: --method {cfg['method']} differs from the checkpoint's "
+                           f"{rec['method']} ({ckpt_path})")
+        changed = [f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {rec.get(k)!r})" for k in sorted(explicit)
+                   if k not in RESUME_OVERRIDES and cfg[k] != rec.get(k)]
+        if changed:
+            raise RunError(f"cannot resume {out} with a different configuration: {', '.join(changed)}")
+        cfg = dict(rec, stop_after_epoch=None)
+        cfg.update({k: v for k, v in cfg_given.items() if k in explicit and k in RESUME_OVERRIDES})
+        cfg.update(out=out, resume=True, overwrite=False)
+        if ckpt['epoch'] >= cfg['epochs'] and os.path.exists(result_path):
+            log(f"{out} finished all {cfg['epochs']} epochs already; its result.json stands")
+            with open(result_path) as f:
+                return json.load(f)
+    elif os.path.exists(result_path) or os.path.exists(ckpt_path):
+        what = 'a finished run (result.json)' if os.path.exists(result_path) else 'an unfinished run (last.pt)'
+        if not cfg['overwrite']:
+            raise RunError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to start afresh")
+        if rank == 0:
+            for path in (ckpt_path, result_path):
+                if os.path.exists(path):
+                    os.remove(path)
+    if cfg['accum'] < 1 or cfg['batch_size'] % (world * cfg['accum']):
+        raise RunError(f"--batch-size {cfg['batch_size']} must be divisible by processes x --accum "
+                       f"= {world} x {cfg['accum']}")
+    micro = cfg['batch_size'] // (world * cfg['accum'])  # per-process micro-batch
+
+    # ---- model (every rank seeded identically, so parameters start equal; DDP broadcasts them anyway)
+    model, num_classes = build(cfg, device)
+    identity = model.backbone.identity
+    if ckpt is not None and identity != ckpt['identity']:
+        raise RunError(f"cannot resume: the backbone is {identity}, but the checkpoint was trained on "
+                       f"{ckpt['identity']} ({ckpt_path})")
+    tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    # ---- data
+    train_split, eval_split = data.split_names(cfg['data'], cfg['eval_split'])
+    ds_kw = dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'])
+    train_ds = data.build_dataset(cfg['data'], train_split, train=True, **ds_kw)
+    eval_ds = data.build_dataset(cfg['data'], eval_split, train=False, **ds_kw)
+    distributed = world > 1
+    train_loader = data.build_loader(train_ds, micro, train=True, workers=cfg['workers'], distributed=distributed,
+                                     seed=cfg['seed'])
+    eval_loader = data.build_loader(eval_ds, micro, train=False, workers=cfg['workers'], distributed=distributed)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg['accum'])
+    if cfg['max_steps_per_epoch']:
+        steps_per_epoch = min(steps_per_epoch, cfg['max_steps_per_epoch'])
+    total_steps = cfg['epochs'] * steps_per_epoch
+    warmup_steps = round(cfg['warmup_epochs'] * steps_per_epoch)
+
+    # ---- optimizer, AMP, and the starting point
+    opt = make_optimizer(model, cfg)
+    dtype = amp_dtype(cfg['amp'], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start_epoch, step = 0, 0
+    if ckpt is not None:
+        load_tuned(model, ckpt['model'], ckpt_path)
+        opt.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        start_epoch, step = ckpt['epoch'], ckpt['step']
+        if rank == 0 and os.path.exists(metrics_path):  # drop lines of an epoch that finished after the checkpoint
+            with open(metrics_path) as f:
+                lines = [ln for ln in f if ln.strip() and json.loads(ln)['epoch'] <= start_epoch]
+            with open(metrics_path, 'w') as f:
+                f.writelines(lines)
+        log(f"resuming {out} after epoch {start_epoch} (step {step})")
+    elif cfg['method'] == 'spt':  # prototype init from the training images, eval transform (identical on every rank)
+        t0 = time.time()
+        init_ds = data.build_dataset(cfg['data'], train_split, train=False, **ds_kw)
+        init_loader = data.build_loader(init_ds, micro, train=False, workers=cfg['workers'], distributed=False)
+        model.init_prompts(init_loader, generator=torch.Generator().manual_seed(cfg['seed']))
+        log(f"SPT {model.spt_init} prompt init on {len(init_ds)} {train_split} images: {time.time() - t0:.1f}s")
+
+    train_module = LossModule(model)
+    ddp = DDP(train_module, device_ids=[device.index] if device.type == 'cuda' else None,
+              forward_sync_buffers=False) if distributed else None  # buffers (SA²VP's mask) are constants
+    step_fn = ddp or train_module
+    if cfg['compile']:
+        step_fn = torch.compile(step_fn)
+    # training randomness (dropout, augmentation, loader seeds): per rank, restored exactly on resume
+    if ckpt is not None:
+        states = ckpt['rng']
+        set_rng_state(states[rank] if len(states) == world else states[0])
+        if len(states) != world:
+            log(f"warning: the checkpoint holds RNG states of {len(states)} processes, this run has {world}")
+    else:
+        seed_everything(cfg['seed'] + rank)
+
+    # ---- the resolved configuration (recorded in last.pt and result.json)
+    cfg.update(num_classes=num_classes, backbone_identity=identity, world_size=world, micro_batch=micro,
+               steps_per_epoch=steps_per_epoch, amp_dtype=str(dtype).replace('torch.', '') if dtype else 'float32',
+               train_split=train_split, eval_split_name=eval_split, model_options=resolved_options(model, cfg))
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        if ckpt is None:  # a fresh start: no lines of an earlier attempt
+            open(metrics_path, 'w').close()
+    log(f"{cfg['method']} on {cfg['data']} ({train_split} -> {eval_split}), backbone {identity}: "
+        f"{tuned:,} tuned of {total:,} parameters; {cfg['optimizer']} lr {cfg['lr']:g} wd {cfg['wd']:g}, batch "
+        f"{cfg['batch_size']} = {world} x {cfg['accum']} x {micro}, {cfg['epochs']} epochs x {steps_per_epoch} steps, "
+        f"{cfg['amp_dtype']} on {device}; out {out}")
+
+    # ---- the loop
+    force_nan = int(os.environ.get('VPT_FORCE_NAN_STEP', -1))  # test hook, see the docstring
+    acc = None
+    t_start, step_start = time.time(), step
+    for epoch in range(start_epoch, cfg['epochs']):
+        t_epoch = time.time()
+        model.train()
+        train_loader.sampler.set_epoch(epoch)  # the order is a function of (seed, epoch) only
+        batches = iter(train_loader)
+        loss_sum, images, lr = 0.0, 0, 0.0
+        for s in range(steps_per_epoch):
+            lr = lr_at(step, total_steps, warmup_steps, cfg['lr'], cfg['min_lr'])
+            for group in opt.param_groups:
+                group['lr'] = lr
+            micro_batches = []
+            for _ in range(cfg['accum']):
+                try:
+                    micro_batches.append(next(batches))
+                except StopIteration:
+                    break
+            step_loss = torch.zeros((), device=device)
+            for j, (x, y) in enumerate(micro_batches):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                last = j == len(micro_batches) - 1
+                with ddp.no_sync() if (ddp is not None and not last) else nullcontext():  # sync grads once per step
+                    with autocast(device, dtype):
+                        loss = step_fn(x, y)
+                    if step == force_nan:
+                        loss = loss * float('nan')
+                    scaler.scale(loss / len(micro_batches)).backward()
+                step_loss += loss.detach().float() / len(micro_batches)
+                images += x.shape[0] * world
+            if distributed:
+                dist.all_reduce(step_loss)
+                step_loss /= world
+            step_loss = step_loss.item()
+            if not math.isfinite(step_loss):
+                raise RunError(f"non-finite loss {step_loss} at epoch {epoch + 1}, step {s + 1} of {steps_per_epoch} "
+                               f"(global step {step}); stopping")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum += step_loss
+            if rank == 0 and cfg['log_interval'] and (step % cfg['log_interval'] == 0 or s == steps_per_epoch - 1):
+                dt = time.time() - t_start
+                eta = dt / (step - step_start) * (total_steps - step)
+                log(f"epoch {epoch + 1}/{cfg['epochs']} step {s + 1}/{steps_per_epoch} | loss {step_loss:.4f} | "
+                    f"lr {lr:.3e} | {images / (time.time() - t_epoch):.0f} img/s | peak {peak_memory_mb(device):.0f} MB"
+                    f" | eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+        train_time = time.time() - t_epoch
+        final = epoch + 1 == cfg['epochs']
+        if final or (epoch + 1) % cfg['eval_every'] == 0:
+            acc = evaluate(model, eval_loader, device, dtype)
+        else:
+            acc = None
+        row = dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch, eval_accuracy=acc, lr=lr,
+                   images_per_s=images / train_time, peak_mem_mb=peak_memory_mb(device), time=time.time() - t_epoch)
+        log(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, {eval_split} accuracy "
+            f"{'-' if acc is None else format(acc, '.2f')}%, {row['time']:.1f}s", flush=True)
+        states = [rng_state()]
+        if distributed:
+            states = [None] * world
+            dist.all_gather_object(states, rng_state())
+        if rank == 0:
+            with open(metrics_path, 'a') as f:
+                f.write(json.dumps(row) + '\n')
+            atomic_save(dict(model=methods.tuned_state_dict(model), optimizer=opt.state_dict(),
+                             scaler=scaler.state_dict(), step=step, epoch=epoch + 1, rng=states, args=cfg,
+                             identity=identity, method=cfg['method']), ckpt_path)
+        if cfg['stop_after_epoch'] is not None and epoch + 1 == cfg['stop_after_epoch'] and not final:
+            log(f"stopping after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
+            return None
+
+    if acc is None:  # resumed after the last epoch's checkpoint, but result.json was never written
+        acc = evaluate(model, eval_loader, device, dtype)
+    result = dict(method=cfg['method'], data=cfg['data'], eval_split=cfg['eval_split'], accuracy=acc,
+                  tuned_params=tuned, total_params=total, epochs=cfg['epochs'], backbone_identity=identity, config=cfg)
+    if rank == 0:
+        atomic_json(result, result_path)
+    log(f"final {eval_split} accuracy {acc:.2f}% ({cfg['method']}, {cfg['data']}); wrote {out}")
+    return result
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
