@@ -219,10 +219,11 @@ class SPT(VPT):
     def init_prompts(self, loader, strategy=None, generator=None):
         """Initialise the prompts from the training images in `loader` (eval transform).
         kmeans streams the whole loader once, keeping a bounded reservoir of tokens per layer.
-        random/mean/max need only P tokens per layer: when the loader has a `.dataset`, the P
-        (image, token) pairs of each layer are drawn uniformly without replacement first and only
-        those images are run (the same distribution as streaming everything, at a cost of <= P*L
-        images instead of an epoch); any other iterable of (x, y) batches is streamed."""
+        random/mean/max need only P tokens per layer: when the loader has a `.dataset`, P distinct
+        training images are drawn and prompt k of every layer is a uniformly drawn token (or pooled
+        window) of image k, so each prompt is a uniform draw from all the layer's tokens, as in the
+        official code, at the cost of a forward over P images instead of an epoch. Any other
+        iterable of (x, y) batches is streamed through a reservoir."""
         strategy = strategy or self.spt_init
         g = generator or torch.Generator(device='cpu').manual_seed(0)
         was_training = self.training
@@ -254,8 +255,12 @@ class SPT(VPT):
         slots = self.backbone.num_patches if strategy == 'random' else P     # tokens per image
         if len(ds) * slots < P:
             raise ValueError(f"SPT needs at least {P} tokens per layer, the dataset has {len(ds) * slots}")
-        # for each layer, P distinct (image, slot) pairs, uniformly without replacement
-        picks = [torch.randperm(len(ds) * slots, generator=g)[:P] for _ in range(self.prompts.shape[0])]
+        L = self.prompts.shape[0]
+        if len(ds) >= P:  # P distinct images for all layers (as the official code's one image sample),
+            img = torch.randperm(len(ds), generator=g)[:P]  # a uniform slot per prompt and layer
+            picks = [img * slots + torch.randint(slots, (P,), generator=g) for _ in range(L)]
+        else:             # fewer images than prompts: P distinct (image, slot) pairs per layer
+            picks = [torch.randperm(len(ds) * slots, generator=g)[:P] for _ in range(L)]
         images = torch.unique(torch.cat(picks) // slots)                      # sorted image indices
         pos = {int(im): j for j, im in enumerate(images)}
         sub = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, images.tolist()),
@@ -311,10 +316,11 @@ def window_pool(tok, P, how):
     return torch.cat([head, last], dim=1)
 
 
-def kmeans(x, k, iters=100, n_init=3, tol=1e-4, generator=None, chunk=8192):
+def kmeans(x, k, iters=100, n_init=1, tol=1e-4, generator=None, chunk=8192):
     """k-means on the rows of x (M, D): greedy k-means++ seeding, then Lloyd iterations until no
     assignment changes or the centroids move less than scikit-learn's tolerance (tol times the mean
-    per-dimension variance); the best of n_init runs. Runs on x's device. Returns (centroids, inertia)."""
+    per-dimension variance); the best of n_init runs (default 1, as scikit-learn's for k-means++).
+    Runs on x's device. Returns (centroids, inertia)."""
     g = generator or torch.Generator(device='cpu').manual_seed(0)
     x = x.float()
     sq = (x * x).sum(1)
@@ -322,7 +328,7 @@ def kmeans(x, k, iters=100, n_init=3, tol=1e-4, generator=None, chunk=8192):
 
     def dists(c):  # squared distances (M, k), in chunks to bound memory
         cc = (c * c).sum(1)
-        return torch.cat([(sq[i:i + chunk, None] - 2 * x[i:i + chunk] @ c.T + cc).clamp_min_(0)
+        return torch.cat([(sq[i:i + chunk, None] - x[i:i + chunk] @ (2 * c).T + cc).clamp_min_(0)
                           for i in range(0, x.shape[0], chunk)])
 
     best = (None, float('inf'))
