@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -163,8 +162,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    train.cli(main)

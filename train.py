@@ -594,9 +594,14 @@ def run(argv, rank, world, device):
     return result
 
 
-if __name__ == '__main__':
+def cli(main_fn):
+    """Run main_fn on the command line; a RunError prints `error: ...` and exits with status 1."""
     try:
-        main(sys.argv[1:])
+        main_fn(sys.argv[1:])
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == '__main__':
+    cli(main)
