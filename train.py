@@ -122,7 +122,7 @@ def build_parser():
     g.add_argument('--readout', choices=['cls', 'mean', 'mean-ln'], default=None, help="default: the backbone's "
                    "(mae: mean; else cls); mean-ln is VPT's fresh LayerNorm for MAE")
     g.add_argument('--spt-init', choices=['random', 'mean', 'max', 'kmeans'], default=None, help="spt (kmeans)")
-    g.add_argument('--spt-kmeans-tokens', type=int, default=None, help="spt k-means subsample per layer (16384)")
+    g.add_argument('--spt-kmeans-tokens', type=int, default=None, help="spt k-means subsample per layer (8192)")
     g.add_argument('--lspt-gspc', choices=['mean', 'kmeans', 'none'], default=None, help="lspt (mean)")
     g.add_argument('--lspt-lpc', choices=['lstm', 'gru', 'none'], default=None, help="lspt (lstm)")
     g.add_argument('--sa2vp-dim', type=int, default=None, help="sa2vp t (default: per dataset, "
