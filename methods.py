@@ -14,6 +14,7 @@ prediction, `model.loss(x, y)` the training loss. Token order is always [cls, pr
 prompts never get a position embedding.
 """
 
+import inspect
 import math
 
 import torch
@@ -644,7 +645,6 @@ def build_model(method, backbone, num_classes, **options):
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     cls = METHODS[method]
     given = {k: v for k, v in options.items() if v is not None}
-    import inspect
     accepted = set(inspect.signature(cls.__init__).parameters) - {'self', 'backbone', 'num_classes'}
     unknown = sorted(set(given) - accepted)
     if unknown:
