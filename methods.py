@@ -80,12 +80,16 @@ class Linear(Tuner):
         self.readout = readout or backbone.readout
         self.head = vpt_head(backbone.embed_dim, num_classes)
 
+    def backbone_features(self, x):
+        """The plain backbone's readout: (B, 3, H, W) -> (B, D)."""
+        t = self.backbone.embed(x)
+        for blk in self.backbone.blocks:
+            t = blk(t)
+        return pool(self.backbone, t, self.readout)
+
     def features(self, x):
         with torch.no_grad():  # nothing before the head is tuned
-            t = self.backbone.embed(x)
-            for blk in self.backbone.blocks:
-                t = blk(t)
-            return pool(self.backbone, t, self.readout)
+            return self.backbone_features(x)
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -101,10 +105,7 @@ class Full(Linear):
             p.requires_grad_(True)
 
     def features(self, x):
-        t = self.backbone.embed(x)
-        for blk in self.backbone.blocks:
-            t = blk(t)
-        return pool(self.backbone, t, self.readout)
+        return self.backbone_features(x)
 
 
 # -----------------------------------------------------------------------------
@@ -612,8 +613,8 @@ class SA2VP(Tuner):
     def forward_both(self, x):
         """(base logits, prompt logits), each (B, C)."""
         bb = self.backbone
-        patches, grid = bb.patchify(x)
-        if tuple(grid) != bb.grid:
+        grid = (x.shape[-2] // bb.patch_size, x.shape[-1] // bb.patch_size)
+        if grid != bb.grid:
             raise ValueError(f"SA²VP's prompt map is built for a {bb.grid} grid; got an input with grid {grid}")
         B = x.shape[0]
         h = bb.embed(x)                                                       # (B, 1+N, D) base
