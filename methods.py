@@ -600,8 +600,8 @@ class SA2VP(Tuner):
     """SA²VP (Pei et al., AAAI 2024), reproducing the function of the official code: tommy-xq/SA2VP
     vpt_main/src/models/vit_backbones/vit_tinypara.py (Embeddings, Encoder.forward, Cross_Block,
     CrossAttention, Mlp_small), vit_train_sa2vp.py (Dual_model) and engine_for_train.py
-    (train_class_batch), not the README's faster vit_tinypara_acc.py, which computes another
-    function (one head, zero-padded windows). A prompt pathway of 1+N tokens (a low-rank map
+    (train_class_batch), and not vit_tinypara_acc.py, the faster file its README offers, which
+    computes another function (one head, zero-padded windows). A prompt pathway of 1+N tokens (a low-rank map
     ppt (1+N, t) -> Linear(t, D), plus the frozen pos-embed, then dropout) runs through the same
     frozen blocks as the image (base) pathway. At layer l one spatially aligned cross-attention,
     re-using block l's norm1, qkv and proj, reads the two layer inputs; its adapter output is added
