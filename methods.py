@@ -433,8 +433,8 @@ class LSPT(Tuner):
         VPT-deep's (Table 1, MAE: 68.33 on CUB).
       - Readout: §4.3 classifies "the class token". For MoCo v3 that is also GaPT's readout (cls
         after the final norm); for MAE we use GaPT's, the mean of prompts + patches after the last
-        block, then the pretrained norm (GaPT's run.sh VIT_POOL_TYPE original): LSPT says it follows
-        GaPT's protocol and compares with GaPT's MAE numbers, which were made that way. This is the
+        block, then the pretrained norm (GaPT's run.sh VIT_POOL_TYPE original): LSPT says it follows VPT's
+        and GaPT's protocol and compares with GaPT's MAE numbers, which were made that way. This is the
         least certain choice; readout='cls' gives the paper's wording.
       - Not in the paper, taken from VPT / GaPT: prompt init U(-v, v), prompt dropout 0.1 (a mask
         per sample) on every set where it is used, head Kaiming fan_out with bias -ln 99; and in
