@@ -2,7 +2,7 @@
 Datasets, transforms and loaders: FGVC (5 tasks), VTAB-1k (19 tasks) and the offline `digits` set.
 
 Conventions, and where they come from:
-- FGVC: VPT's split files (src/data/datasets/json_dataset.py). Each dataset folder holds train.json,
+- FGVC: VPT's split files (KMnP/vpt src/data/datasets/json_dataset.py). Each dataset folder holds train.json,
   val.json and test.json, each one JSON object {relative image path: integer label}. VPT remaps labels
   per split with sorted(set(labels)); we build the map once from train.json and apply it to every split,
   so a val file that lacks a class cannot shift the other labels.
@@ -50,7 +50,8 @@ FGVC = {
 }
 FGVC_SPLITS = ('train', 'val', 'test')
 
-# VTAB-1k: task folder under <root>/vtab-1k/ -> number of classes (NOAH / SA²VP folder names).
+# VTAB-1k: task folder under <root>/vtab-1k/ -> number of classes (NOAH / SA²VP folder names; the class
+# counts of tommy-xq/SA2VP's Train_nature.sh, Train_special.sh, Train_struct.sh).
 VTAB = {
     # natural
     'cifar': 100, 'caltech101': 102, 'dtd': 47, 'oxford_flowers102': 102, 'oxford_iiit_pet': 37,
@@ -79,7 +80,7 @@ def _kind(name):
 
 
 def num_classes(name):
-    """The benchmark's class count (FGVC: 200/555/102/120/196; VTAB: backbones_data.md §4.3; digits: 10)."""
+    """The benchmark's class count (FGVC: 200/555/102/120/196; VTAB: the VTAB table above; digits: 10)."""
     kind = _kind(name)
     return FGVC[name][2] if kind == 'fgvc' else VTAB[name[5:]] if kind == 'vtab' else 10
 
@@ -125,7 +126,7 @@ def dataset_dir(name, root=None):
 
 
 def split_names(name, eval_split):
-    """(train split, eval split) for --eval-split val|test (SPEC §5).
+    """(train split, eval split) for --eval-split val|test.
 
     val:  FGVC train / val,   VTAB and digits train800 / val200
     test: FGVC train / test,  VTAB and digits train800val200 / test  (VPT trains FGVC on train.json alone)

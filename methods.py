@@ -5,7 +5,8 @@ Prompt tuning methods on a frozen ViT (models.VisionTransformer), one class each
     Full    full fine-tuning: every parameter
     VPT     Visual Prompt Tuning (Jia et al., ECCV 2022), official code KMnP/vpt
     SPT     Self-Prompt Tuning (Wang et al., ICML 2024), official code WangYZ1608/Self-Prompt-Tuning
-    LSPT    Long-term Spatial Prompt Tuning (Mo et al., 2024), no official code: reference/gapt_lspt.md §3.5
+    LSPT    Long-term Spatial Prompt Tuning (Mo et al., 2024, arXiv 2402.17406), no official code: our
+            reading of its §4 (Eq. 3-5) and Algorithm A.1 is written out in the LSPT class
     SA2VP   Spatially Aligned-and-Adapted Visual Prompt (Pei et al., AAAI 2024), official code tommy-xq/SA2VP
 
 `build_model(method, backbone, num_classes, **options)` is the one entry point. After it,
@@ -73,7 +74,7 @@ def tuned_state_dict(model):
 
 
 class Linear(Tuner):
-    """Linear probe: frozen features (the backbone's readout, SPEC §3) and a VPT-initialised head."""
+    """Linear probe: frozen features (the backbone's readout, models.pool) and a VPT-initialised head."""
 
     def __init__(self, backbone, num_classes, readout=None):
         super().__init__(backbone)
@@ -120,9 +121,19 @@ class VPT(Tuner):
     deep:    a new set of P before every block, *replacing* the previous block's prompt outputs
              (12 sets; VPT stores them as 1 + 11).
     Init U(-v, v), v = sqrt(6/(3 p^2 + D)); prompt dropout after the batch expand (an independent
-    mask per sample and per insertion); head: Kaiming fan_out, bias -ln 99.
-    Paper/code: the official MAE readout replaces the pretrained norm with a fresh frozen LN
-    (readout='mean-ln' here); the default MAE readout of this codebase is GaPT/SPT's 'mean'."""
+    mask per sample and per insertion; 0.1 deep, 0 shallow, as in the official demo.ipynb runs);
+    head: Kaiming fan_out, bias -ln 99 (KMnP/vpt src/models/mlp.py: MLP, special_bias). The frozen backbone
+    stays in eval mode while training, as the official train() override does.
+    Where we differ from the official code (the option that reproduces it in brackets):
+      MAE readout: VPT's vit_mae.py deletes the pretrained norm and pools into a fresh,
+        frozen LayerNorm (weight 1, bias 0); our MAE default is GaPT's and SPT's pretrained norm
+        [readout='mean-ln'].
+      Normalisation: the official code uses ImageNet mean/std for every backbone; ours defaults to
+        the backbone's own (0.5/0.5 for in21k) [--mean/--std].
+      Schedule: the official LambdaLR steps once per epoch, so epoch 0 trains at lr 0; train.py
+        warms up per step for every method.
+      Prompt length: VPT tuned P per task and its per-task values are not in the code; P=50 is our
+        default [--prompts]."""
 
     def __init__(self, backbone, num_classes, prompts=50, depth='deep', prompt_dropout=None, readout=None):
         super().__init__(backbone)
@@ -168,25 +179,31 @@ class VPT(Tuner):
 
 class SPT(VPT):
     """Self-Prompt Tuning: VPT's structure (no prompt dropout) with prompts initialised from the
-    frozen backbone's own tokens on the training images (paper §4, official train.py:
-    prompt_generator). The prompts for block i come from the patch tokens entering block i of the
-    prompt-free backbone; for block 0, as in the official code, the patch-embedding output
-    *without* position embedding (the paper says with). Call `init_prompts(loader)` before training.
+    frozen backbone's own tokens on the training images (paper §3.3-3.4, Eq. 9-13; official code
+    WangYZ1608/Self-Prompt-Tuning train.py, train_MAE.py, train_MoCo.py: prompt_generator). The
+    prompts for block i come from the patch tokens entering block i of the prompt-free backbone
+    (cls excluded); for block 0, as in the official code (a hook on patch_embed), the
+    patch-embedding output *without* position embedding, where the paper's Eq. 1 adds it.
+    Call `init_prompts(loader)` before training.
 
-    Strategies (`spt_init`):
-      random   P tokens uniformly without replacement from all images' tokens of that layer.
-      mean/max per image, 1-D raster windows of w = N // (P-1) tokens for p < P-1 and a last
-               window of the last N mod w tokens (all N if N mod w == 0), pooled: P tokens per
-               image; then P of the P x images pooled tokens at random (the official code; the
-               paper describes one batch pooled with one kernel).
+    Strategies (`spt_init`), per layer:
+      random   one patch token per prompt.
+      mean/max one pooled window per prompt. Per image, 1-D raster windows of w = N // (P-1)
+               tokens for p < P-1 and a last window of the last N mod w tokens (all N if N mod w
+               == 0): P pooled tokens per image. These are the official windows; the paper's §3.4
+               instead pools one batch's N_e*B tokens with a single kernel of size N_e*B // P.
       kmeans   P centroids of a bounded random subsample of the layer's tokens (k-means++ seeding,
-               batched Lloyd iterations in torch). The paper's best variant; its code only loads
-               precomputed centroid files.
-    Streaming: images go through in loader batches; per layer only a bounded reservoir of tokens
-    is kept (P for random/mean/max, `spt_kmeans_tokens` for kmeans), never all tokens of all layers
-    (the official code holds ~55 GB for CUB). Shallow SPT applies the strategy to block 0's tokens
-    (the official code always samples random patch-embedding tokens there).
-    Head: trunc-normal std 0.02 (0.01 for MoCo v3), zero bias."""
+               batched Lloyd iterations in torch; on small data its inertia is within 1% of
+               scikit-learn's KMeans). The paper's best variant (its Table 1: 27.3 CPU days on
+               CUB); the official code has no clustering; SPT's train_MAE.py only loads centroids.
+    Which images the tokens come from is where we differ from the official code: see init_prompts.
+    Shallow SPT applies the chosen strategy to block 0's tokens; the official code always samples
+    random patch-embedding tokens there (the two agree for 'random').
+    The default 'kmeans' is the paper's best, and bench.py checks that its cost stays under one
+    training epoch.
+    Head: trunc-normal std 0.02 (0.01 for MoCo v3, SPT's train_MoCo.py), zero bias. The frozen
+    backbone stays in eval mode; the official code leaves it in train mode with drop-path 0.1 by
+    default, which its README's commands turn off (--drop_path 0.0)."""
 
     def __init__(self, backbone, num_classes, prompts=None, depth='deep', spt_init='kmeans',
                  spt_kmeans_tokens=8192, readout=None):
@@ -219,13 +236,31 @@ class SPT(VPT):
 
     @torch.no_grad()
     def init_prompts(self, loader, strategy=None, generator=None):
-        """Initialise the prompts from the training images in `loader` (eval transform).
-        kmeans streams the whole loader once, keeping a bounded reservoir of tokens per layer.
-        random/mean/max need only P tokens per layer: when the loader has a `.dataset`, P distinct
-        training images are drawn and prompt k of every layer is a uniformly drawn token (or pooled
-        window) of image k, so each prompt is a uniform draw from all the layer's tokens, as in the
-        official code, at the cost of a forward over P images instead of an epoch. Any other
-        iterable of (x, y) batches is streamed through a reservoir."""
+        """Initialise the prompts from the training images in `loader` (train.py passes the
+        training split with the eval transform).
+
+        random/mean/max, when the loader has a `.dataset`: P distinct training images are drawn
+        (without replacement) and shared by all layers; prompt k of layer i is a uniformly drawn
+        token (or pooled window) of image k at layer i. One forward over P images then serves
+        every layer. (With fewer than P images: P distinct (image, token) pairs per layer.)
+        kmeans, or any iterable of (x, y) batches without `.dataset`: the loader is streamed once
+        and each layer keeps a uniform reservoir of tokens (P for random/mean/max,
+        `spt_kmeans_tokens` for kmeans), never all tokens of all layers.
+
+        The official prompt_generator, checked against it: its per-layer tokens and pooling
+        windows are the ones above, but it draws its images with replacement
+        (torch.randint(len(train_set), (sample_size,))), runs them through the *training*
+        transform (RandomResizedCrop + flip for FGVC), forwards them all at once, and picks the P
+        tokens of each layer independently of the other layers, so two prompts of one layer may
+        come from one image. In WangYZ1608/Self-Prompt-Tuning, sample_size is the size of the
+        training set in train.py and train_MAE.py but 1 in train_MoCo.py: for MoCo v3 every prompt of a layer comes from a
+        single random image (mean/max give exactly that image's P windows, in random order).
+        So each of our prompts is, like theirs for in21k and MAE, a uniform draw from the layer's
+        tokens over the training set, but the joint draw differs, and for MoCo v3 it differs
+        outright. Why ours: a forward over P images instead of the training set (the official
+        single forward needs ~55 GB of memory for CUB); prototypes of the clean images, not of
+        random crops; P images instead of one, so that the MoCo v3 init does not hinge on a single
+        image; and one procedure for every backbone."""
         strategy = strategy or self.spt_init
         g = generator or torch.Generator(device='cpu').manual_seed(0)
         was_training = self.training
@@ -258,7 +293,7 @@ class SPT(VPT):
         if len(ds) * slots < P:
             raise ValueError(f"SPT needs at least {P} tokens per layer, the dataset has {len(ds) * slots}")
         L = self.prompts.shape[0]
-        if len(ds) >= P:  # P distinct images for all layers (as the official code's one image sample),
+        if len(ds) >= P:  # P distinct images shared by all layers,
             img = torch.randperm(len(ds), generator=g)[:P]  # a uniform slot per prompt and layer
             picks = [img * slots + torch.randint(slots, (P,), generator=g) for _ in range(L)]
         else:             # fewer images than prompts: P distinct (image, slot) pairs per layer
@@ -368,18 +403,48 @@ def kmeans(x, k, iters=100, n_init=1, tol=1e-4, generator=None, chunk=8192):
 
 
 class LSPT(Tuner):
-    """Long-term Spatial Prompt Tuning (Mo et al. 2024; no official code). Implements the reading
-    of reference/gapt_lspt.md §3.5: VPT-deep prompt sets P^0..P^{L-1} (12 for ViT-B).
-    Block 1 takes P^0 directly; after each block l = 1..L-1:
-        GSPC (Eq. 3):  H = (prompt outputs of block l) + mean of block l's output patch tokens
-        LPC  (Eq. 4-5): (h, C^l) = LSTMCell(input = dropout(P^l), hidden = H, cell = C^{l-1}),
-                        one cell shared by all blocks, C^0 = 0; h replaces the prompt slots.
-    Rows of the cell are (batch x prompt) pairs: the recurrence runs over depth, not tokens.
-    Nothing after the last block. Readout as the backbone's (MAE: mean of prompts + patches, then
-    the pretrained norm, as GaPT). Head, init and prompt dropout 0.1 as VPT.
-    Ablations: lspt_gspc mean|kmeans|none, lspt_lpc lstm|gru|none (none: the new prompt set, plus
-    the patch mean if GSPC is on, replaces the slots; with both none this is VPT-deep).
-    Known gaps: the paper gives no optimiser, lr or P; defaults follow GaPT (SGD, P=100)."""
+    """Long-term Spatial Prompt Tuning (Mo et al. 2024, arXiv 2402.17406). No official code exists:
+    this is our reading of the paper's §4.1-4.3 (Eq. 3-5) and its Algorithm A.1, and every point
+    the paper leaves open is named below with the choice made here.
+
+    Prompt sets P^0..P^{L-1} (12 for ViT-B), laid out as VPT-deep's. Block 1 takes P^0 as its
+    prompts. After block l = 1..L-1, whose output is split into cls, the prompt outputs X̂_P^l
+    (B, P, D) and the patch tokens X^l (B, N, D):
+        GSPC (Eq. 3):   X̂_SP^l = X̂_P^l + mean_i X^l_i
+        LPC  (Eq. 4-5): X_P^l, C^l = LSTMCell(input = dropout(P^l), hidden = X̂_SP^l, cell = C^{l-1})
+    and X_P^l becomes the prompts of block l + 1. Read this way:
+      - What runs over depth: the LSTM's time step is the block. Each (image, prompt slot) pair is
+        one row of width D (B*P rows), because Eq. 5 gives the hidden and cell states the shape
+        P x D; an LSTM running along the P tokens would have a 1 x D state. One LSTMCell(D, D) is
+        shared by all blocks (§4.2: one per block gave no gain), with PyTorch's default init.
+      - The hidden state is GSPC's output, recomputed from every block; only the cell state C is
+        carried from step to step (the long-term memory). C^0 = 0: the paper does not define it.
+      - X_P^l replaces the prompt slots, with no residual to X̂_P^l: the block's prompt outputs
+        reach the next block only through the hidden state.
+      - GSPC averages the N patch tokens only (not cls, not the prompts), on the raw residual
+        stream, with no stop-gradient, and adds the same vector to every prompt. No parameters.
+      - After the last block: nothing. §4.2 says the LSTM runs "starting from the first block and
+        ending before the last block"; Algorithm A.1 loops over all L blocks, we follow the text.
+      - 12 sets, not 11: §4.3 says P^1 is the first block's input, while Eq. 5 names X_P^1 the
+        input of block 2. We read this as an index slip and give block 1 a set of its own, as
+        VPT-deep has (12*P*D prompt parameters).
+      - The base is VPT-deep, not GaPT: no per-block gates, no attention temperature. The paper
+        never mentions them, and the FGVC columns of its Table 4 row without GSPC and LPC are
+        VPT-deep's (Table 1, MAE: 68.33 on CUB).
+      - Readout: §4.3 classifies "the class token". For MoCo v3 that is also GaPT's readout (cls
+        after the final norm); for MAE we use GaPT's, the mean of prompts + patches after the last
+        block, then the pretrained norm (GaPT's run.sh VIT_POOL_TYPE original): LSPT says it follows VPT's
+        and GaPT's protocol and compares with GaPT's MAE numbers, which were made that way. This is the
+        least certain choice; readout='cls' gives the paper's wording.
+      - Not in the paper, taken from VPT / GaPT: prompt init U(-v, v), prompt dropout 0.1 (a mask
+        per sample) on every set where it is used, head Kaiming fan_out with bias -ln 99; and in
+        train.py GaPT's recipe (SGD momentum 0.9, lr 0.1 at batch 64, wd 0, one lr for prompts,
+        LSTM and head) and P = 100 (GaPT's README). LSPT gives no optimiser, lr or P.
+    Ablations: lspt_gspc mean|kmeans|none, lspt_lpc lstm|gru|none. kmeans is Table 6 (k = P
+    centroids of each image's patch tokens, centroid k added to prompt k; the paper gives no
+    init or iteration count, ours are in patch_centroids); gru is Table C.1. With lspt_lpc none the
+    new set (plus the patch mean if GSPC is on) replaces the slots: the paper does not define a
+    GSPC-only model, this is our reading; with both none this is VPT-deep."""
 
     def __init__(self, backbone, num_classes, prompts=100, prompt_dropout=0.1, lspt_gspc='mean',
                  lspt_lpc='lstm', readout=None):
@@ -427,14 +492,14 @@ class LSPT(Tuner):
         gates = (gx + F.linear(H, cell.weight_hh, cell.bias_hh)).view(B, P, 4, D)
         i, f, g, o = gates.unbind(2)
         C = torch.sigmoid(f) * C + torch.sigmoid(i) * torch.tanh(g)          # C^l
-        h = torch.sigmoid(o) * torch.tanh(C)                                   # X_P^{l+1}
+        h = torch.sigmoid(o) * torch.tanh(C)                                   # X_P^l, the next block's prompts
         return h, C
 
     def features(self, x):
         x = self.backbone.embed(x)                                            # (B, 1+N, D)
         B, P, L = x.shape[0], self.num_prompts, len(self.backbone.blocks)
         cls, X = x[:, :1], x[:, 1:]
-        xp = self.new_prompts(0, B).expand(B, -1, -1)                         # X_P^1 = P^0
+        xp = self.new_prompts(0, B).expand(B, -1, -1)                         # block 1's prompts: P^0
         C = x.new_zeros(B, P, x.shape[-1])                                    # C^0 = 0
         for l, blk in enumerate(self.backbone.blocks):
             y = blk(torch.cat([cls, xp, X], dim=1))                           # (B, 1+P+N, D)
@@ -479,7 +544,12 @@ def patch_centroids(patches, k, iters=10):
 # -----------------------------------------------------------------------------
 # SA²VP
 
-# (t, gamma) per dataset: reference/sa2vp.md §10 (the official README's per-dataset knobs)
+# (t, gamma) per dataset, from the official tommy-xq/SA2VP README.md, "Experiment steps", step 5: its
+# inter-dim (t) / inter-weight (gamma) tables for ViT (FGVC per dataset, VTAB per group) and the line
+# of VTAB exceptions above them. The official code has no flag for either: t is edited into SA²VP's
+# vit_tinypara.py, and gamma is Encoder.add_scale (0.1 as committed). The same step lists learning rates
+# of 5e-4 for Pets and Clevr-count, while the official scripts pass 1e-3 to every task; train.py uses
+# 1e-3 (--lr overrides it).
 SA2VP_SETTINGS = {
     'cub': (16, 0.1), 'nabirds': (32, 0.1), 'flowers': (8, 0.1), 'dogs': (32, 0.1), 'cars': (64, 1.5),
     # VTAB Natural: t 8, gamma 0.1 (SVHN 16 / 0.5)
@@ -527,8 +597,11 @@ class Adapter(nn.Module):
 
 
 class SA2VP(Tuner):
-    """SA²VP, reproducing the function of the official tommy-xq/SA2VP vit_tinypara.py
-    (reference/sa2vp.md §3-7, checklist §15). A prompt pathway of 1+N tokens (a low-rank map
+    """SA²VP (Pei et al., AAAI 2024), reproducing the function of the official code: tommy-xq/SA2VP
+    vpt_main/src/models/vit_backbones/vit_tinypara.py (Embeddings, Encoder.forward, Cross_Block,
+    CrossAttention, Mlp_small), vit_train_sa2vp.py (Dual_model) and engine_for_train.py
+    (train_class_batch), and not vit_tinypara_acc.py, the faster file its README offers, which
+    computes another function (one head, zero-padded windows). A prompt pathway of 1+N tokens (a low-rank map
     ppt (1+N, t) -> Linear(t, D), plus the frozen pos-embed, then dropout) runs through the same
     frozen blocks as the image (base) pathway. At layer l one spatially aligned cross-attention,
     re-using block l's norm1, qkv and proj, reads the two layer inputs; its adapter output is added
@@ -543,11 +616,16 @@ class SA2VP(Tuner):
     window attention is one masked scaled_dot_product_attention (the official code loops in Python
     over the 196 queries: 4.8 s vs 0.18 s per call, ViT-B batch 8, CPU).
 
-    Paper vs code (we follow the code): GELU not ReLU in the adapter; low-rank prompt maps with a
-    learned cls slot; one direction per layer; fusion as a parallel branch; gamma fixed per dataset
-    and applied both ways; deep maps pass through block l, carry no pos-embed, e_k ~ N(0, 0.02^2);
-    dropout 0.1 live in the frozen backbone while training (sa2vp_dropout=False turns it off);
-    the head bias keeps PyTorch's default init. The official c is fixed at 3 (sa2vp_window)."""
+    Paper vs code (we follow the code): the adapter uses GELU, not Eq. 3's ReLU; the cross-attention
+    (Eq. 2) also applies block l's norm1 and proj, with 12 heads and dropout; the prompt maps are
+    low-rank (t) with a learned cls slot, of the image grid's size (the paper's "scaled" maps are
+    not in the code); one direction per layer, added as a parallel branch to the block output;
+    gamma is fixed per dataset (Eq. 4: "tuned on a validation set") and applied on both pathways;
+    deep maps (Eq. 5, O = E * P^l + O) are passed through block l first, carry no pos-embed and
+    start with e_k ~ N(0, 0.02^2); lambda = 0.8 in Eq. 6 with one head shared by both pathways;
+    dropout 0.1 is live in the frozen backbone while training (sa2vp_dropout=False turns it off);
+    the head bias keeps PyTorch's default init. The paper gives no window size; the official code
+    hard-codes c = 3 (sa2vp_window)."""
 
     backbone_train_mode = True
     B2P = (0, 4, 8)     # layers where the prompt queries the base

@@ -192,7 +192,7 @@ def pool(backbone, x, readout=None):
 
 
 # -----------------------------------------------------------------------------
-# architectures, pre-training tags and their defaults (SPEC §3)
+# architectures, pre-training tags and their defaults (the README's Weights table)
 
 ARCHS = {
     'vit_tiny_patch16_224': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
@@ -233,7 +233,8 @@ def _irrelevant(key):
 
 def _npz_to_timm(npz):
     """Google's original ViT .npz (flax names, HWIO / (D, H, d) kernels) -> timm state dict.
-    The mapping of reference/backbones_data.md §2.2."""
+    The mapping of timm's _load_weights (timm/models/vision_transformer.py), which VPT's and SA²VP's
+    load_from (jeonsworld/ViT-pytorch) also apply: q/k/v kernels stacked into qkv, kernels transposed."""
     t = lambda a: torch.from_numpy(a.copy()).float()  # noqa: E731
     sd = {}
     sd['patch_embed.proj.weight'] = t(npz['embedding/kernel']).permute(3, 2, 0, 1)  # HWIO -> OIHW
@@ -393,7 +394,7 @@ def file_digest(path, n=16):
 
 
 def create_backbone(arch, pretrain='none', weights=None, img_size=224, drop_rate=0.0):
-    """Build a frozen-ready ViT and load its weights (SPEC §2-3).
+    """Build a frozen-ready ViT and load its weights.
     arch: a timm architecture name (see ARCHS). pretrain: none | in21k | in21k-augreg | mae | mocov3.
     weights: a local file in any supported format; without it, the hub weights of the pretrain tag.
     The returned model carries .pretrain, .identity (hub tag, 'sha256:<16 hex>' of a local file, or

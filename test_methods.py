@@ -1,6 +1,6 @@
 """Tests of methods.py against independent references written here: naive loops over blocks, a
-per-query window attention, step-by-step recurrences, the parameter formulas of SPEC §4 and
-reference/*.md, scikit-learn's KMeans and simple sampling statistics."""
+per-query window attention, step-by-step recurrences, the tuned-parameter counts of the papers and
+official code counted component by component, scikit-learn's KMeans and simple sampling statistics."""
 import copy
 import math
 
@@ -89,7 +89,8 @@ def build(method, options, depth, num_classes=5, **vit_kw):
 
 
 # -----------------------------------------------------------------------------
-# tuned-parameter counts, ViT-B/16, C = 200 (SPEC §4, vpt_spt.md §7, gapt_lspt.md §3.6, sa2vp.md §11)
+# tuned-parameter counts, ViT-B/16, C = 200, from each method's structure (SPT's Remark I: 12*20*768 =
+# 0.18M prompts; SA²VP at t=16: 372,912 + head, the n_parameters tommy-xq/SA2VP vit_train_sa2vp.py prints)
 
 @pytest.fixture(scope='module')
 def vitb():
@@ -101,7 +102,7 @@ def tuned(model):
 
 
 def sa2vp_count(t, C):
-    """sa2vp.md §11 component by component."""
+    """SA²VP's tuned tensors (tommy-xq/SA2VP Dual_model) component by component."""
     D, N1 = D_B, 197
     prompt_map = N1 * t + (D * t + D)
     adapters = 12 * (2 * D + (D * t + t) + (t * D + D))
@@ -327,7 +328,7 @@ def test_window_attention_equals_per_query_loop(grid, c):
 
 
 def cross_ref(model, l, kv, q, keys):
-    """Cross block l (sa2vp.md §4-5): block l's norm1 and qkv/proj weights, loop window attention,
+    """Cross block l (SA²VP's Cross_Block: CrossAttention + Mlp_small): block l's norm1 and qkv/proj weights, loop window attention,
     residual on the raw query tokens, then the adapter (LN -> fc1 -> GELU -> fc2), no residual."""
     blk = model.backbone.blocks[l]
     B, T, D = q.shape
@@ -343,7 +344,8 @@ def cross_ref(model, l, kv, q, keys):
 
 
 def sa2vp_ref(model, x, gamma, window):
-    """sa2vp.md §6 pseudocode, literally."""
+    """tommy-xq/SA2VP vit_tinypara.py Encoder.forward, literally: per layer the cross block, then the
+    blocks of each pathway, the deep map at layers 4 and 8, and gamma times the cross output."""
     bb = model.backbone
     B, keys = x.shape[0], allowed_keys(bb.grid, window)
     h = embed_ref(bb, x)
@@ -426,7 +428,7 @@ def test_other_losses_are_cross_entropy(method, options):
 
 
 def test_sa2vp_settings_table():
-    """sa2vp.md §10: FGVC per dataset; VTAB per group with its exceptions."""
+    """tommy-xq/SA2VP README.md step 5: FGVC per dataset; VTAB per group with its exceptions."""
     natural = ['cifar', 'caltech101', 'dtd', 'oxford_flowers102', 'oxford_iiit_pet', 'svhn', 'sun397']
     specialized = ['patch_camelyon', 'eurosat', 'resisc45', 'diabetic_retinopathy']
     structured = ['clevr_count', 'clevr_dist', 'dmlab', 'kitti', 'dsprites_loc', 'dsprites_ori',
@@ -455,7 +457,8 @@ def centroids_ref(pts, k, steps=11):
 
 
 def lspt_ref(model, x, lpc, gspc, readout, drop=0.0, seed=None):
-    """gapt_lspt.md §3.5 step by step, with torch's own LSTMCell / GRUCell holding the model's weights."""
+    """The reading in methods.LSPT's docstring step by step, with torch's own LSTMCell / GRUCell holding
+    the model's weights."""
     bb, P, L = model.backbone, model.prompts.shape[1], len(model.backbone.blocks)
     B, D = x.shape[0], bb.embed_dim
     prompt = lambda l: F.dropout(model.prompts[l].expand(B, -1, -1), drop, training=drop > 0)  # noqa: E731

@@ -4,14 +4,15 @@ Train a prompt-tuning method (or a baseline) on a frozen ViT: one readable loop,
     python train.py --method vpt --pretrain in21k --data cub                  # VPT's recipe, nothing else
     torchrun --nproc_per_node=4 train.py --method sa2vp --data cub            # same global batch of 64
 
-Every knob is a flag; the per-method defaults are the papers' recipes (RECIPES below, SPEC §4) and
+Every knob is a flag; the per-method defaults are the papers' recipes (RECIPES below) and
 `--help` shows them. The loop: per-step linear warmup then cosine, SGD or AdamW with absolute learning
 rates, bf16 autocast on CUDA (fp16 + GradScaler on request, fp32 on CPU), gradient accumulation,
 torchrun DDP whose global batch does not depend on the number of processes, atomic checkpoints of the
 tuned tensors only, an exact resume, one JSON line per epoch.
 
 Recipes from the official code: KMnP/vpt (VPT, linear, full: src/solver, configs), WangYZ1608/
-Self-Prompt-Tuning (SPT), GaPT (LSPT follows it), tommy-xq/SA2VP. Style: karpathy/nanoGPT's train.py.
+Self-Prompt-Tuning (SPT), ryongithub/GatedPromptTuning (GaPT: LSPT publishes no recipe, so it takes GaPT's
+run.sh), tommy-xq/SA2VP. Style: karpathy/nanoGPT's train.py.
 
 Outputs in --out (default runs/<method>-<data>-<pretrain>-seed<seed>):
     metrics.jsonl  one JSON object per epoch (epoch, train_loss, eval_accuracy, lr, images_per_s, peak_mem_mb, time)
@@ -43,7 +44,9 @@ import methods
 import models
 
 # -----------------------------------------------------------------------------
-# the papers' recipes (SPEC §4); lr is absolute at the given batch size, wd_head None = same as wd
+# the papers' recipes; lr is absolute at the given batch size, wd_head None = same as wd. Every method warms up
+# linearly from 0 per step, then follows a cosine: SPT's and SA²VP's code do this per iteration, VPT's and GaPT's
+# LambdaLR steps once per epoch (their epoch 0 trains at lr 0); we use the per-step form for all.
 
 RECIPES = {
     # VPT's baselines (KMnP/vpt); their lr is a starting point, VPT tunes it on val per dataset
