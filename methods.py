@@ -58,19 +58,6 @@ class Tuner(nn.Module):
     backbone_train_mode = False
     recipe = None
 
-    @staticmethod
-    def data_defaults(data):
-        """Option defaults that depend on the dataset (train.py fills them in when the flag is not
-        given): none, except for SA²VP."""
-        return {}
-
-    def options(self):
-        """The options this model was built with, read back from it (train.py records them in
-        result.json and last.pt): here the attribute named like each option; a class whose
-        attributes are named otherwise overrides this (build_model checks that every option of
-        the class gets a concrete value)."""
-        return {k: getattr(self, k, None) for k in init_options(type(self))}
-
     def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone
@@ -84,6 +71,19 @@ class Tuner(nn.Module):
 
     def loss(self, x, y):
         return F.cross_entropy(self(x), y)
+
+    @staticmethod
+    def data_defaults(data):
+        """Option defaults that depend on the dataset (train.py fills them in when the flag is not
+        given): none, except for SA²VP."""
+        return {}
+
+    def options(self):
+        """The options this model was built with, read back from it (train.py records them in
+        result.json and last.pt): here the attribute named like each option; a class whose
+        attributes are named otherwise overrides this (build_model checks that every option of
+        the class gets a concrete value)."""
+        return {k: getattr(self, k, None) for k in init_options(type(self))}
 
 
 def tuned_state_dict(model):
@@ -99,7 +99,7 @@ def tuned_state_dict(model):
 class Linear(Tuner):
     """Linear probe: frozen features (the backbone's readout, SPEC §3) and a VPT-initialised head."""
 
-    # VPT's baseline (KMnP/vpt); its lr is a starting point, VPT tunes it on val per dataset
+    # VPT's linear baseline (KMnP/vpt); its lr is a starting point, VPT tunes it on val per dataset
     recipe = dict(optimizer='sgd', lr=0.1, wd=0, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0)
 
     def __init__(self, backbone, num_classes, readout=None):
@@ -126,9 +126,7 @@ class Full(Linear):
     """Full fine-tuning: the same model as the linear probe, every parameter tuned."""
 
     backbone_train_mode = True
-    # VPT's baseline (KMnP/vpt); its lr is a starting point, VPT tunes it on val per dataset
-    recipe = dict(optimizer='sgd', lr=0.0025, wd=1e-4, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
-                  min_lr=0)
+    recipe = dict(Linear.recipe, lr=0.0025, wd=1e-4)  # VPT's full fine-tune baseline, same caveat
 
     def __init__(self, backbone, num_classes, readout=None):
         super().__init__(backbone, num_classes, readout)

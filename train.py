@@ -4,9 +4,9 @@ Train a prompt-tuning method (or a baseline) on a frozen ViT: one readable loop,
     python train.py --method vpt --pretrain in21k --data cub                  # VPT's recipe, nothing else
     torchrun --nproc_per_node=4 train.py --method sa2vp --data cub            # same global batch of 64
 
-Every knob is a flag; the per-method defaults are the papers' recipes (each method class's `recipe` in
-methods.py) and `--help` shows them. The loop: per-step linear warmup then cosine, SGD or AdamW with absolute learning
-rates, bf16 autocast on CUDA (fp16 + GradScaler on request, fp32 on CPU), gradient accumulation,
+Every knob is a flag; the per-method defaults are the papers' recipes (the `recipe` of each method class in
+methods.py) and `--help` shows them. The loop: per-step linear warmup then cosine, SGD or AdamW with absolute
+learning rates, bf16 autocast on CUDA (fp16 + GradScaler on request, fp32 on CPU), gradient accumulation,
 torchrun DDP whose global batch does not depend on the number of processes, atomic checkpoints of the
 tuned tensors only, an exact resume, one JSON line per epoch.
 
