@@ -2,7 +2,7 @@
 options recorded in result.json / last.pt, eval.py's rebuild from last.pt, and bench.py's rows. A method added to
 methods.METHODS is picked up here without editing this file; one that is missing a piece fails here.
 
-Run: python -m pytest -q test_every_method.py     (about 30 s on a shared 2-core CPU)
+Run: python -m pytest -q test_every_method.py     (about 20 s on a shared 2-core CPU)
 """
 import contextlib
 import io
@@ -16,19 +16,11 @@ import bench
 import eval as eval_py
 import methods
 import train
+from test_train import TINY, one_thread  # noqa: F401  (the tiny run's flags; one torch thread for this module)
 from train import RunError
 
-TINY = ['--arch', 'vit_nano_patch8', '--pretrain', 'none', '--data', 'digits', '--workers', '0', '--log-interval', '0']
 RECIPE_KEYS = {'optimizer', 'lr', 'wd', 'wd_head', 'batch_size', 'epochs', 'warmup_epochs', 'min_lr'}
 CPU = torch.device('cpu')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def option_flags(parser):
