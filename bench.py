@@ -51,7 +51,6 @@ import argparse
 import contextlib
 import copy
 import ctypes
-import inspect
 import json
 import math
 import os
@@ -321,7 +320,7 @@ def build_rows(args, base, device, autocast, scaler):
             r['arm'] = f"{label} P={model.num_prompts} (default)"
             ps = set(args.prompts)
             if m == 'vpt' and 'lspt' in args.methods:
-                ps.add(inspect.signature(methods.LSPT).parameters['prompts'].default)  # LSPT's reference
+                ps.add(methods.init_options(methods.LSPT)['prompts'])  # LSPT's reference
             for P in sorted(ps - {model.num_prompts}):
                 add_method(f"{label} P={P}", 'prompts', m, {'prompts': P}, prompts=P)
         if m == 'lspt':
