@@ -17,9 +17,10 @@ round that something else on the machine slowed down then cancels). The rows:
                                input tokens only. timm's VisionTransformer has the same config and
                                our weights (timm's patch_embed / _pos_embed, then its blocks / norm).
   each method                  fwd: eval, no_grad, model(x). train: zero_grad, model.loss(x, y),
-                               backward, optimizer step with the method's optimizer (SGD momentum
-                               for linear/full/vpt/lspt, AdamW for spt/sa2vp).
-  vpt / spt / lspt at P        the same, at each --prompts P (deep); lspt also without prompt
+                               backward, optimizer step with the optimizer of the method's recipe as
+                               train.py builds it (SGD momentum for linear/full/vpt/lspt, AdamW for
+                               spt/sa2vp). The methods are methods.METHODS.
+  each method with --prompts   the same, at each --prompts P (vpt/spt deep); lspt also without prompt
                                dropout (its input-side gate projection is then batch-independent).
   spt init <strategy>          SPT.init_prompts with a DataLoader (batches of --batch-size) over
                                --spt-images fixed random images; timed in the last --init-iters
@@ -70,7 +71,6 @@ import argparse
 import contextlib
 import copy
 import ctypes
-import inspect
 import json
 import math
 import os
@@ -85,19 +85,9 @@ import torch.nn.functional as F
 
 import methods
 import models
+import train
 
-METHODS = ('linear', 'full', 'vpt', 'spt', 'lspt', 'sa2vp')
-PROMPTED = ('vpt', 'spt', 'lspt')                   # the methods also run at every --prompts P
 SPT_STRATEGIES = ('random', 'mean', 'max', 'kmeans')
-# optimizer per method (the kind its recipe in train.RECIPES uses; the values do not change the speed)
-OPTIM = {
-    'linear': ('sgd', dict(lr=0.25, momentum=0.9, weight_decay=1e-3)),
-    'full': ('sgd', dict(lr=0.25, momentum=0.9, weight_decay=1e-3)),
-    'vpt': ('sgd', dict(lr=0.25, momentum=0.9, weight_decay=1e-3)),
-    'lspt': ('sgd', dict(lr=0.1, momentum=0.9, weight_decay=0.0)),
-    'spt': ('adamw', dict(lr=1e-3, weight_decay=1e-2)),
-    'sa2vp': ('adamw', dict(lr=1e-3, weight_decay=1e-4)),
-}
 
 
 def parse_args(argv=None):
@@ -113,17 +103,19 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=1, help='rounds run first and dropped')
     p.add_argument('--init-iters', type=int, default=1, help='timed rounds of the SPT inits (the last ones)')
     p.add_argument('--spt-images', type=int, default=64, help='images the SPT init and epoch run over')
-    p.add_argument('--prompts', default='10,50,100,200', help='P values for vpt/spt/lspt (comma-separated)')
-    p.add_argument('--methods', default=','.join(METHODS), help='comma-separated subset of ' + ','.join(METHODS))
+    p.add_argument('--prompts', default='10,50,100,200', help='P values for ' + '/'.join(methods.PROMPTED)
+                   + ' (comma-separated)')
+    p.add_argument('--methods', default=','.join(methods.METHODS), help='comma-separated subset of '
+                   + ','.join(methods.METHODS))
     p.add_argument('--threads', type=int, default=None, help="torch threads for this run (default: torch's own)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', action='store_true', help='print a JSON list of dicts to stdout instead of the table')
     args = p.parse_args(argv)
     args.prompts = sorted({int(v) for v in args.prompts.split(',') if v.strip()})
     args.methods = [m.strip() for m in args.methods.split(',') if m.strip()]
-    bad = [m for m in args.methods if m not in METHODS]
+    bad = [m for m in args.methods if m not in methods.METHODS]
     if bad:
-        p.error(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+        p.error(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(methods.METHODS)}")
     if args.iters < 1 or args.warmup < 0 or not 1 <= args.init_iters <= args.iters:
         p.error('need --iters >= 1, --warmup >= 0 and 1 <= --init-iters <= --iters')
     return args
@@ -226,9 +218,8 @@ def frozen_fwd(forward_features, autocast):
 
 
 def make_optimizer(method, model):
-    kind, kw = OPTIM[method]
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, **kw) if kind == 'sgd' else torch.optim.AdamW(params, **kw)
+    """The optimizer of the method's recipe, built as train.py builds it (the same parameter groups)."""
+    return train.make_optimizer(model, dict(methods.METHODS[method].recipe, momentum=train.MOMENTUM))
 
 
 def method_train(model, opt, autocast, scaler):
@@ -345,11 +336,11 @@ def build_rows(args, base, device, autocast, scaler):
         label = {'vpt': 'vpt-deep', 'spt': 'spt-deep'}.get(m, m)
         r, model = add_method(m, 'method', m, {}, default=True)
         defaults[m] = r
-        if m in PROMPTED:
+        if m in methods.PROMPTED:
             r['arm'] = f"{label} P={model.num_prompts} (default)"
             ps = set(args.prompts)
             if m == 'vpt' and 'lspt' in args.methods:
-                ps.add(inspect.signature(methods.LSPT).parameters['prompts'].default)  # LSPT's reference
+                ps.add(methods.init_options(methods.LSPT)['prompts'])  # LSPT's reference
             for P in sorted(ps - {model.num_prompts}):
                 add_method(f"{label} P={P}", 'prompts', m, {'prompts': P}, prompts=P)
         if m == 'lspt':

@@ -13,6 +13,12 @@ Prompt tuning methods on a frozen ViT (models.VisionTransformer), one class each
 requires_grad is True exactly on the tuned parameters. `model(x)` gives the logits used for
 prediction, `model.loss(x, y)` the training loss. Token order is always [cls, prompts, patches];
 prompts never get a position embedding.
+
+Everything train.py, eval.py, bench.py and the tests know about a method comes from here: the
+name -> class table `METHODS` (at the end of this file) and, on each class, its options (the
+keyword arguments of __init__ after backbone and num_classes, which are also train.py's flags),
+its training recipe (`recipe`), the options read back from a built model (`options()`) and, for
+SA²VP, per-dataset defaults (`data_defaults`). README "Add your own method" has the steps.
 """
 
 import inspect
@@ -44,9 +50,14 @@ def prompt_init_bound(backbone):
 
 class Tuner(nn.Module):
     """Base class: holds the frozen backbone and keeps it in eval mode while training (VPT, SPT,
-    GaPT/LSPT all override train() so; SA²VP opts out to keep the official dropout)."""
+    GaPT/LSPT all override train() so; SA²VP opts out to keep the official dropout).
+
+    A method class sets `recipe`: its paper's training recipe, train.py's defaults. Keys: optimizer
+    ('sgd' with momentum 0.9 or 'adamw'), lr (absolute, at batch_size), wd, wd_head (None = same as
+    wd), batch_size (global), epochs, warmup_epochs, min_lr (end of the cosine)."""
 
     backbone_train_mode = False
+    recipe = None
 
     def __init__(self, backbone):
         super().__init__()
@@ -62,6 +73,19 @@ class Tuner(nn.Module):
     def loss(self, x, y):
         return F.cross_entropy(self(x), y)
 
+    @staticmethod
+    def data_defaults(data):
+        """Option defaults that depend on the dataset (train.py fills them in when the flag is not
+        given): none, except for SA²VP."""
+        return {}
+
+    def options(self):
+        """The options this model was built with, read back from it (train.py records them in
+        result.json and last.pt): here the attribute named like each option; a class whose
+        attributes are named otherwise overrides this (build_model checks that every option of
+        the class gets a concrete value)."""
+        return {k: getattr(self, k, None) for k in init_options(type(self))}
+
 
 def tuned_state_dict(model):
     """Only the tuned tensors (what a checkpoint of this codebase holds)."""
@@ -75,6 +99,9 @@ def tuned_state_dict(model):
 
 class Linear(Tuner):
     """Linear probe: frozen features (the backbone's readout, models.pool) and a VPT-initialised head."""
+
+    # VPT's linear baseline (KMnP/vpt); its lr is a starting point, VPT tunes it on val per dataset
+    recipe = dict(optimizer='sgd', lr=0.1, wd=0, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0)
 
     def __init__(self, backbone, num_classes, readout=None):
         super().__init__(backbone)
@@ -98,7 +125,9 @@ class Linear(Tuner):
 
 class Full(Linear):
     """Full fine-tuning: the same model as the linear probe, every parameter tuned."""
+
     backbone_train_mode = True
+    recipe = dict(Linear.recipe, lr=0.0025, wd=1e-4)  # VPT's full fine-tune baseline, same caveat
 
     def __init__(self, backbone, num_classes, readout=None):
         super().__init__(backbone, num_classes, readout)
@@ -135,6 +164,10 @@ class VPT(Tuner):
       Prompt length: VPT tuned P per task and its per-task values are not in the code; P=50 is our
         default [--prompts]."""
 
+    # KMnP/vpt: base lr 1.0 at batch 256 -> 0.25 at 64; wd on every tuned tensor but the head bias
+    recipe = dict(optimizer='sgd', lr=0.25, wd=1e-3, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
+                  min_lr=0)
+
     def __init__(self, backbone, num_classes, prompts=50, depth='deep', prompt_dropout=None, readout=None):
         super().__init__(backbone)
         if depth not in ('shallow', 'deep'):
@@ -148,6 +181,10 @@ class VPT(Tuner):
             prompt_dropout = 0.1 if self.deep else 0.0  # VPT demo: 0.1 deep, none shallow
         self.prompt_dropout = nn.Dropout(prompt_dropout)
         self.head = self.make_head(backbone, num_classes)
+
+    def options(self):
+        return dict(super().options(), prompts=self.num_prompts, depth='deep' if self.deep else 'shallow',
+                    prompt_dropout=self.prompt_dropout.p)
 
     def make_head(self, backbone, num_classes):
         return vpt_head(backbone.embed_dim, num_classes)
@@ -204,6 +241,10 @@ class SPT(VPT):
     Head: trunc-normal std 0.02 (0.01 for MoCo v3, SPT's train_MoCo.py), zero bias. The frozen
     backbone stays in eval mode; the official code leaves it in train mode with drop-path 0.1 by
     default, which its README's commands turn off (--drop_path 0.0)."""
+
+    # WangYZ1608/Self-Prompt-Tuning: wd 1e-2 on the prompts, 1.0 on the head weight, none on biases / 1-D tensors
+    recipe = dict(optimizer='adamw', lr=1e-3, wd=1e-2, wd_head=1.0, batch_size=32, epochs=100, warmup_epochs=10,
+                  min_lr=1e-8)
 
     def __init__(self, backbone, num_classes, prompts=None, depth='deep', spt_init='kmeans',
                  spt_kmeans_tokens=8192, readout=None):
@@ -446,6 +487,9 @@ class LSPT(Tuner):
     new set (plus the patch mean if GSPC is on) replaces the slots: the paper does not define a
     GSPC-only model, this is our reading; with both none this is VPT-deep."""
 
+    # GaPT's recipe
+    recipe = dict(optimizer='sgd', lr=0.1, wd=0, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0)
+
     def __init__(self, backbone, num_classes, prompts=100, prompt_dropout=0.1, lspt_gspc='mean',
                  lspt_lpc='lstm', readout=None):
         super().__init__(backbone)
@@ -463,6 +507,10 @@ class LSPT(Tuner):
         self.cell = {'lstm': lambda: nn.LSTMCell(D, D), 'gru': lambda: nn.GRUCell(D, D),
                      'none': lambda: None}[lspt_lpc]()
         self.head = vpt_head(D, num_classes)
+
+    def options(self):
+        return dict(super().options(), prompts=self.num_prompts, prompt_dropout=self.prompt_dropout.p,
+                    lspt_gspc=self.gspc, lspt_lpc=self.lpc)
 
     def new_prompts(self, l, B):
         """Prompt set l for a batch: (B, P, D), or (1, P, D) when dropout is inactive (then the
@@ -630,6 +678,15 @@ class SA2VP(Tuner):
     backbone_train_mode = True
     B2P = (0, 4, 8)     # layers where the prompt queries the base
     DEEP = (4, 8)       # layers with a new deep prompt map (those the backbone has)
+    # tommy-xq/SA2VP: wd not on biases and 1-D tensors
+    recipe = dict(optimizer='adamw', lr=1e-3, wd=1e-4, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
+                  min_lr=1e-7)
+
+    @staticmethod
+    def data_defaults(data):
+        """t (sa2vp_dim) and gamma from the per-dataset table SA2VP_SETTINGS."""
+        t, gamma = SA2VP_SETTINGS.get(data, SA2VP_DEFAULT)
+        return dict(sa2vp_dim=t, sa2vp_gamma=gamma)
 
     def __init__(self, backbone, num_classes, sa2vp_dim=16, sa2vp_gamma=0.1, sa2vp_lambda=0.8,
                  sa2vp_window=3, sa2vp_dropout=True):
@@ -655,6 +712,10 @@ class SA2VP(Tuner):
         self.head = nn.Linear(D, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         self.register_buffer('mask', window_mask(backbone.grid, sa2vp_window), persistent=False)
+
+    def options(self):
+        return dict(super().options(), sa2vp_dim=self.ppt.shape[-1], sa2vp_gamma=self.gamma, sa2vp_lambda=self.lam,
+                    sa2vp_window=self.window, sa2vp_dropout=self.backbone_train_mode)
 
     def prompt_map(self):
         """The layer-0 prompt map before the position embedding: (1, 1+N, D)."""
@@ -711,8 +772,19 @@ class SA2VP(Tuner):
 
 
 # -----------------------------------------------------------------------------
+# the methods: --method name -> class. A new method is one class above and one entry here.
 
 METHODS = {'linear': Linear, 'full': Full, 'vpt': VPT, 'spt': SPT, 'lspt': LSPT, 'sa2vp': SA2VP}
+
+
+def init_options(cls):
+    """{option: default} of a method class: the keyword arguments of its __init__ after backbone and
+    num_classes. They are build_model's options and train.py's flags (- for _); None = decided in __init__."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p.default for k, p in params.items() if k not in ('self', 'backbone', 'num_classes')}
+
+
+PROMPTED = tuple(m for m, cls in METHODS.items() if 'prompts' in init_options(cls))  # methods with --prompts
 
 
 def build_model(method, backbone, num_classes, **options):
@@ -724,10 +796,24 @@ def build_model(method, backbone, num_classes, **options):
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     cls = METHODS[method]
     given = {k: v for k, v in options.items() if v is not None}
-    accepted = set(inspect.signature(cls.__init__).parameters) - {'self', 'backbone', 'num_classes'}
-    unknown = sorted(set(given) - accepted)
+    accepted = init_options(cls)
+    unknown = sorted(set(given) - set(accepted))
     if unknown:
         raise TypeError(f"method {method!r} has no option(s) {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
     model = cls(backbone, num_classes, **given)
     model.method = method
+    built_options(model)  # every option reads back
     return model
+
+
+def built_options(model):
+    """{option: value} the model was built with, read back from it by model.options(): every option of
+    its class, each a concrete bool / int / float / str (what result.json and last.pt record)."""
+    read = model.options()
+    values = {k: read.get(k) for k in init_options(type(model))}
+    bad = sorted(k for k, v in values.items() if not isinstance(v, (bool, int, float, str)))
+    if bad:
+        raise TypeError(f"{type(model).__name__}.options() gives no value for {', '.join(bad)} "
+                        f"(got {', '.join(repr(values[k]) for k in bad)}): store each option as an attribute "
+                        f"of the same name, or return its value from options()")
+    return values

@@ -40,10 +40,10 @@ def test_every_row_is_present(run):
     for role in ('backbone', 'timm'):   # both a forward and a forward+backward
         r = find(rows, role=role)
         assert r['fwd_ms'] > 0 and len(r['fwd_times_ms']) == 2 and len(r['train_times_ms']) == 2
-    for m in bench.METHODS:             # each method at its defaults: inference forward and training step
+    for m in methods.METHODS:           # each method at its defaults: inference forward and training step
         r = find(rows, method=m, role='method', default=True)
         assert r['fwd_ms'] > 0 and r['train_ms'] > 0 and r['options'] == {}
-    for m in bench.PROMPTED:
+    for m in methods.PROMPTED:
         for P in (2, 4):
             assert find(rows, method=m, role='prompts', prompts=P)['options'] == {'prompts': P}
     lspt_p = find(rows, method='lspt', role='method')['prompts']
@@ -98,7 +98,7 @@ def test_gflops_positive_and_grow_with_prompts(run):
     rows, _, _ = run
     for r in rows:
         assert r['gflops'] > 0, r['arm']
-    for m in bench.PROMPTED:
+    for m in methods.PROMPTED:
         assert find(rows, method=m, prompts=4)['gflops'] > find(rows, method=m, prompts=2)['gflops'], m
     bb, tm = find(rows, role='backbone'), find(rows, role='timm')
     assert bb['gflops'] == pytest.approx(tm['gflops'])   # the same model, counted the same way

@@ -80,6 +80,7 @@ VARIANTS = [
     ('lspt', dict(prompts=3, lspt_gspc='kmeans'), 4),
     ('sa2vp', {}, 12),   # depth >= 9: the deep prompt maps at layers 4 and 8 exist
 ]
+VARIANTS += [(m, {}, 4) for m in methods.METHODS if m not in {v[0] for v in VARIANTS}]   # a new method: its defaults
 VID = [f"{m}-{'-'.join(map(str, o.values())) or 'default'}" for m, o, _ in VARIANTS]
 
 

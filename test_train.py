@@ -32,7 +32,6 @@ from train import RunError
 HERE = Path(__file__).resolve().parent
 TINY = ['--arch', 'vit_nano_patch8', '--pretrain', 'none', '--data', 'digits', '--img-size', '16', '--workers', '0',
         '--log-interval', '0']
-PROMPTED = ('vpt', 'spt', 'lspt')
 CKPT_KEYS = {'model', 'optimizer', 'scaler', 'step', 'epoch', 'rng', 'args', 'identity', 'method'}
 METRIC_KEYS = {'epoch', 'train_loss', 'eval_accuracy', 'lr', 'images_per_s', 'peak_mem_mb', 'time'}
 RESULT_KEYS = {'method', 'data', 'eval_split', 'accuracy', 'tuned_params', 'total_params', 'epochs', 'config'}
@@ -101,14 +100,16 @@ def trained(tmp_path_factory):
 
 
 # a sane lr per method for a 36-step run on the random backbone (SPT / SA²VP's AdamW recipe lr of 1e-3 barely
-# moves the loss in 36 steps); SA²VP without its backbone dropout, which slows a 32-dim model down a lot
+# moves the loss in 36 steps); SA²VP without its backbone dropout, which slows a 32-dim model down a lot. A method
+# not listed runs its recipe's lr.
 SHORT_RUN = {'linear': ['--lr', '0.1'], 'full': ['--optimizer', 'adamw', '--lr', '1e-3'], 'vpt': ['--lr', '0.25'],
              'spt': ['--lr', '0.1'], 'lspt': ['--lr', '0.1'], 'sa2vp': ['--lr', '2e-2', '--no-sa2vp-dropout']}
 
 
 def short_run(trained, method):
     args = TINY + ['--method', method, '--epochs', '3', '--max-steps-per-epoch', '12', '--batch-size', '32',
-                   '--warmup-epochs', '0', *SHORT_RUN[method]] + (['--prompts', '4'] if method in PROMPTED else [])
+                   '--warmup-epochs', '0', *SHORT_RUN.get(method, [])]
+    args += ['--prompts', '4'] if method in methods.PROMPTED else []
     return trained(f'short-{method}', args)
 
 
@@ -174,7 +175,8 @@ def test_every_method_trains(trained, method):
     assert RESULT_KEYS <= set(result) and result == json.loads((out / 'result.json').read_text())
     assert result['method'] == method and result['eval_split'] == 'val' and result['epochs'] == 3
     assert result['accuracy'] == rows[-1]['eval_accuracy'] and 0 <= result['accuracy'] <= 100
-    lr = float(SHORT_RUN[method][SHORT_RUN[method].index('--lr') + 1])
+    given = SHORT_RUN.get(method, [])
+    lr = float(given[given.index('--lr') + 1]) if '--lr' in given else methods.METHODS[method].recipe['lr']
     assert result['config']['backbone_identity'] == 'random' and result['config']['lr'] == lr
     ckpt = torch.load(out / 'last.pt', map_location='cpu', weights_only=True)
     assert CKPT_KEYS <= set(ckpt) and (ckpt['epoch'], ckpt['step']) == (3, 36)
@@ -195,7 +197,8 @@ def test_every_method_trains(trained, method):
 @pytest.mark.parametrize('method', list(methods.METHODS))
 def test_bf16_autocast_on_cpu(tmp_path, method):
     args = TINY + ['--method', method, '--amp', 'bf16', '--epochs', '1', '--max-steps-per-epoch', '2',
-                   '--batch-size', '16', '--out', str(tmp_path)] + (['--prompts', '4'] if method in PROMPTED else [])
+                   '--batch-size', '16', '--out', str(tmp_path)]
+    args += ['--prompts', '4'] if method in methods.PROMPTED else []
     result = train.main(args)
     assert result['config']['amp_dtype'] == 'bfloat16'
     assert all(torch.isfinite(torch.tensor(r['train_loss'])) for r in read_metrics(tmp_path))

@@ -4,9 +4,9 @@ Train a prompt-tuning method (or a baseline) on a frozen ViT: one readable loop,
     python train.py --method vpt --pretrain in21k --data cub                  # VPT's recipe, nothing else
     torchrun --nproc_per_node=4 train.py --method sa2vp --data cub            # same global batch of 64
 
-Every knob is a flag; the per-method defaults are the papers' recipes (RECIPES below) and
-`--help` shows them. The loop: per-step linear warmup then cosine, SGD or AdamW with absolute learning
-rates, bf16 autocast on CUDA (fp16 + GradScaler on request, fp32 on CPU), gradient accumulation,
+Every knob is a flag; the per-method defaults are the papers' recipes (the `recipe` of each method class in
+methods.py) and `--help` shows them. The loop: per-step linear warmup then cosine, SGD or AdamW with absolute
+learning rates, bf16 autocast on CUDA (fp16 + GradScaler on request, fp32 on CPU), gradient accumulation,
 torchrun DDP whose global batch does not depend on the number of processes, atomic checkpoints of the
 tuned tensors only, an exact resume, one JSON line per epoch.
 
@@ -24,7 +24,6 @@ environment variable VPT_FORCE_NAN_STEP=k, which multiplies the loss of global s
 """
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -44,31 +43,15 @@ import methods
 import models
 
 # -----------------------------------------------------------------------------
-# the papers' recipes; lr is absolute at the given batch size, wd_head None = same as wd. Every method warms up
-# linearly from 0 per step, then follows a cosine: SPT's and SA²VP's code do this per iteration, VPT's and GaPT's
-# LambdaLR steps once per epoch (their epoch 0 trains at lr 0); we use the per-step form for all.
+# what train.py knows about the methods comes from methods.py
+# Every method warms up linearly from 0 per step, then follows a cosine: SPT's and SA²VP's code do this
+# per iteration, VPT's and GaPT's LambdaLR steps once per epoch (their epoch 0 trains at lr 0).
 
-RECIPES = {
-    # VPT's baselines (KMnP/vpt); their lr is a starting point, VPT tunes it on val per dataset
-    'linear': dict(optimizer='sgd', lr=0.1, wd=0, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0),
-    'full': dict(optimizer='sgd', lr=0.0025, wd=1e-4, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
-                 min_lr=0),
-    # VPT: base lr 1.0 at batch 256 -> 0.25 at 64; wd on every tuned tensor but the head bias
-    'vpt': dict(optimizer='sgd', lr=0.25, wd=1e-3, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0),
-    # SPT: wd 1e-2 on the prompts, 1.0 on the head weight, none on biases / 1-D tensors
-    'spt': dict(optimizer='adamw', lr=1e-3, wd=1e-2, wd_head=1.0, batch_size=32, epochs=100, warmup_epochs=10,
-                min_lr=1e-8),
-    # LSPT follows GaPT's recipe
-    'lspt': dict(optimizer='sgd', lr=0.1, wd=0, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0),
-    # SA²VP: wd not on biases and 1-D tensors
-    'sa2vp': dict(optimizer='adamw', lr=1e-3, wd=1e-4, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
-                  min_lr=1e-7),
-}
+# the papers' recipes, from each method class; lr is absolute at the given batch size, wd_head None = same as wd
+RECIPES = {m: cls.recipe for m, cls in methods.METHODS.items()}
 MOMENTUM = 0.9  # SGD momentum in every SGD recipe
-
-# build_model options: the CLI flags with _ for - (None = the method's default)
-MODEL_OPTIONS = ('prompts', 'depth', 'prompt_dropout', 'readout', 'spt_init', 'spt_kmeans_tokens', 'lspt_gspc',
-                 'lspt_lpc', 'sa2vp_dim', 'sa2vp_gamma', 'sa2vp_lambda', 'sa2vp_window', 'sa2vp_dropout')
+# every method's build_model options (its __init__ keywords): the flags of the 'method options' group, _ for -
+MODEL_OPTIONS = sorted({k for cls in methods.METHODS.values() for k in methods.init_options(cls)})
 # what --resume may change; every other explicitly given flag must equal the checkpoint's value
 RESUME_OVERRIDES = {'resume', 'overwrite', 'out', 'workers', 'data_root', 'weights', 'log_interval',
                     'stop_after_epoch', 'compile'}
@@ -165,7 +148,8 @@ def default_out(args):
 
 def parse_args(argv=None):
     """The command line -> (resolved configuration dict, set of explicitly given keys).
-    Recipe values left at None are filled in from RECIPES[method]; SA²VP's t and gamma from its table."""
+    Recipe values left at None are filled in from RECIPES[method], dataset-dependent options (SA²VP's t and
+    gamma) from the method's data_defaults. A method option given for a method that does not take it is an error."""
     parser = build_parser()
     unset = object()
     ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != 'help'})
@@ -180,13 +164,16 @@ def parse_args(argv=None):
         parser.error("--resume needs --out, or --method and --data to find the default run directory")
     cfg = vars(args)
     if args.method is not None:
-        for k, v in RECIPES[args.method].items():
+        cls = methods.METHODS[args.method]
+        takes = methods.init_options(cls)
+        flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}  # in --help's order
+        foreign = [k for k in flag if k in MODEL_OPTIONS and k in explicit and k not in takes]
+        if foreign:
+            raise RunError(f"{', '.join(flag[k] for k in foreign)}: not an option of --method {args.method}; its "
+                           f"options are {', '.join(flag.get(k, k) for k in takes) or 'none'}")
+        for k, v in {**cls.recipe, **cls.data_defaults(args.data)}.items():
             if cfg[k] is None:
                 cfg[k] = v
-        if args.method == 'sa2vp':
-            t, gamma = methods.SA2VP_SETTINGS.get(args.data, methods.SA2VP_DEFAULT)
-            cfg['sa2vp_dim'] = t if cfg['sa2vp_dim'] is None else cfg['sa2vp_dim']
-            cfg['sa2vp_gamma'] = gamma if cfg['sa2vp_gamma'] is None else cfg['sa2vp_gamma']
         cfg['out'] = cfg['out'] or default_out(args)
     if cfg['weights'] is not None:
         cfg['weights'] = os.path.abspath(cfg['weights'])
@@ -225,19 +212,6 @@ def build(cfg, device, weights=None):
     except (TypeError, ValueError) as e:
         raise RunError(f"--method {cfg['method']}: {e}") from None
     return model.to(device), num_classes
-
-
-def resolved_options(model, cfg):
-    """Every option of the method with its value in this run (the method's defaults filled in)."""
-    sig = inspect.signature(type(model).__init__).parameters
-    opts = {k: v.default for k, v in sig.items() if k not in ('self', 'backbone', 'num_classes')}
-    opts.update({k: cfg[k] for k in opts if cfg.get(k) is not None})
-    found = {'prompts': lambda: model.num_prompts, 'prompt_dropout': lambda: model.prompt_dropout.p,
-             'readout': lambda: model.readout}
-    for k in opts:
-        if opts[k] is None and k in found:
-            opts[k] = found[k]()
-    return opts
 
 
 def tuned_names(model):
@@ -478,12 +452,12 @@ def run(argv, rank, world, device):
             with open(metrics_path, 'w') as f:
                 f.writelines(lines)
         log(f"resuming {out} after epoch {start_epoch} (step {step})")
-    elif cfg['method'] == 'spt':  # prototype init from the training images, eval transform (identical on every rank)
+    elif hasattr(model, 'init_prompts'):  # SPT: prompts from the training images, eval transform (same on every rank)
         t0 = time.time()
         init_ds = data.build_dataset(cfg['data'], train_split, train=False, **ds_kw)
         init_loader = data.build_loader(init_ds, micro, train=False, workers=cfg['workers'], distributed=False)
         model.init_prompts(init_loader, generator=torch.Generator().manual_seed(cfg['seed']))
-        log(f"SPT {model.spt_init} prompt init on {len(init_ds)} {train_split} images: {time.time() - t0:.1f}s")
+        log(f"{cfg['method']} prompt init on {len(init_ds)} {train_split} images: {time.time() - t0:.1f}s")
 
     train_module = LossModule(model)
     ddp = DDP(train_module, device_ids=[device.index] if device.type == 'cuda' else None,
@@ -503,7 +477,7 @@ def run(argv, rank, world, device):
     # ---- the resolved configuration (recorded in last.pt and result.json)
     cfg.update(num_classes=num_classes, backbone_identity=identity, world_size=world, micro_batch=micro,
                steps_per_epoch=steps_per_epoch, amp_dtype=str(dtype).replace('torch.', '') if dtype else 'float32',
-               train_split=train_split, eval_split_name=eval_split, model_options=resolved_options(model, cfg))
+               train_split=train_split, eval_split_name=eval_split, model_options=methods.built_options(model))
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         if ckpt is None:  # a fresh start: no lines of an earlier attempt
