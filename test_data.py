@@ -479,3 +479,17 @@ def test_check_cli(cli_runs, monkeypatch):
     out, err = runs['missing'].communicate(timeout=120)
     assert runs['missing'].returncode == 1 and out == ''
     assert err.startswith('error: ') and 'vtab-1k/sun397' in err and 'train800.txt' in err and 'Traceback' not in err
+
+
+def test_class_names():
+    assert data.class_names(data.build_dataset('digits', 'val200', img_size=8)) == [str(c) for c in range(10)]
+    ds = data.ImageListDataset('cub', 'val', Path('/r'), [('/r/images/001.Black_footed_Albatross/a.jpg', 0),
+                                                          ('/r/images/003.Sooty_Albatross/b.jpg', 2)], 3, None)
+    assert data.class_names(ds) == ['Black footed Albatross', '1', 'Sooty Albatross']  # '1': absent from the split
+    dogs = data.ImageListDataset('dogs', 'val', Path('/r'), [('/r/Images/n02085620-Chihuahua/a.jpg', 0),
+                                                             ('/r/Images/n02085782-Japanese_spaniel/b.jpg', 1)], 2, None)
+    assert data.class_names(dogs) == ['Chihuahua', 'Japanese spaniel']
+    for samples in ([('/r/images/0817/a.jpg', 0), ('/r/images/0818/b.jpg', 1)],          # NABirds: folders are ids
+                    [('/r/images/train800/0.jpg', 0), ('/r/images/train800/1.jpg', 1)],  # VTAB: one folder
+                    [('/r/A/0.jpg', 0), ('/r/B/1.jpg', 0)]):                             # a class in two folders
+        assert data.class_names(data.ImageListDataset('x', 'val', Path('/r'), samples, 2, None)) is None
