@@ -63,7 +63,8 @@ def read_run(run):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise RunError(f"{path} is not a readable train.py checkpoint ({type(e).__name__}); train the run again") from None
+        raise RunError(f"{path} is not a readable train.py checkpoint ({type(e).__name__}); train the run "
+                       f"again") from None
     return ckpt, dict(ckpt['args'])
 
 

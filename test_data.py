@@ -487,7 +487,8 @@ def test_class_names():
                                                           ('/r/images/003.Sooty_Albatross/b.jpg', 2)], 3, None)
     assert data.class_names(ds) == ['Black footed Albatross', '1', 'Sooty Albatross']  # '1': absent from the split
     dogs = data.ImageListDataset('dogs', 'val', Path('/r'), [('/r/Images/n02085620-Chihuahua/a.jpg', 0),
-                                                             ('/r/Images/n02085782-Japanese_spaniel/b.jpg', 1)], 2, None)
+                                                             ('/r/Images/n02085782-Japanese_spaniel/b.jpg', 1)],
+                                 2, None)
     assert data.class_names(dogs) == ['Chihuahua', 'Japanese spaniel']
     for samples in ([('/r/images/0817/a.jpg', 0), ('/r/images/0818/b.jpg', 1)],          # NABirds: folders are ids
                     [('/r/images/train800/0.jpg', 0), ('/r/images/train800/1.jpg', 1)],  # VTAB: one folder

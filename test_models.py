@@ -345,7 +345,8 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / 'notes.npz').write_text('these are not arrays')
     torch.save(timm_vit(MICRO, 32).state_dict(), tmp_path / 'good.pth')
     (tmp_path / 'cut.pth').write_bytes((tmp_path / 'good.pth').read_bytes()[:4096])
-    for name, why in [('notes.pth', 'UnpicklingError: Unsupported operand 103'), ('notes.npz', 'not a zip archive of arrays'),
+    for name, why in [('notes.pth', 'UnpicklingError: Unsupported operand 103'),
+                      ('notes.npz', 'not a zip archive of arrays'),
                       ('cut.pth', 'failed reading zip archive')]:
         with pytest.raises(models.CheckpointError) as info:
             load(tmp_path / name)
@@ -390,7 +391,8 @@ def test_hub_unreachable_without_cache(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    r = run_py(code, {'HF_HUB_OFFLINE': '0', 'HF_HOME': str(tmp_path / 'hf'), 'HF_ENDPOINT': f'http://127.0.0.1:{port}'})
+    r = run_py(code, {'HF_HUB_OFFLINE': '0', 'HF_HOME': str(tmp_path / 'hf'),
+                      'HF_ENDPOINT': f'http://127.0.0.1:{port}'})
     assert r.returncode == 0, r.stderr
     assert 'the Hugging Face hub cannot be reached (ConnectError' in r.stdout, r.stdout
     assert 'not on the hub' not in r.stdout and 'set HF_HUB_OFFLINE=1 to skip the hub' in r.stdout
