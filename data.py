@@ -25,7 +25,9 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -121,8 +123,9 @@ def dataset_dir(name, root=None):
     if sub.is_dir():
         return sub
     raise FileNotFoundError(
-        f"dataset folder for {name!r} not found: neither {sub} exists nor does {root} itself contain {marker}.\n"
-        f"Expected layout (--data-root or VPT_DATA_ROOT, currently {root}):\n{expected_layout(name, sub)}")
+        f"dataset folder for {name!r} not found: neither {sub} exists nor does {root} itself contain {marker}; "
+        f"pass --data-root DIR (or set VPT_DATA_ROOT) to the folder that holds it.\n"
+        f"Expected layout:\n{expected_layout(name, sub)}")
 
 
 def split_names(name, eval_split):
@@ -192,9 +195,12 @@ def read_fgvc(name, split, folder, strict_classes=True):
     train_file = folder / 'train.json'
     train = _read_json(train_file, name)
     label_map = {c: i for i, c in enumerate(sorted(set(train.values())))}
-    if strict_classes and os.environ.get('VPT_ALLOW_PARTIAL') != '1' and len(label_map) != expected:
+    if len(label_map) > expected:  # never allowed: these are another dataset's split files
+        raise ValueError(f"{train_file} has {len(label_map)} classes but {name} has {expected}: the split files of "
+                         f"another dataset? Check --data / --data-root")
+    if strict_classes and os.environ.get('VPT_ALLOW_PARTIAL') != '1' and len(label_map) < expected:
         raise ValueError(f"{train_file} has {len(label_map)} classes but {name} has {expected}: wrong or partial "
-                         f"split files (pass strict_classes=False or set VPT_ALLOW_PARTIAL=1 to allow this)")
+                         f"split files (set VPT_ALLOW_PARTIAL=1 to train on the {len(label_map)} it holds)")
     split_file = folder / f'{split}.json'
     entries = train if split == 'train' else _read_json(split_file, name)
     samples = []
@@ -231,16 +237,31 @@ def read_vtab(name, split, folder):
 # -----------------------------------------------------------------------------
 # datasets
 
+class ImageError(RuntimeError):
+    """A listed image that is missing or cannot be decoded; the message names the path and the fix.
+
+    An exception raised inside a DataLoader worker reaches the main process re-built by torch as
+    ImageError("Caught ImageError in DataLoader worker process N.\nOriginal Traceback ...\n...ImageError: <msg>");
+    the constructor keeps only <msg>, so the user sees one line wherever the image was read."""
+
+    def __init__(self, message):
+        if message.startswith('Caught ImageError'):
+            found = re.search(r'ImageError: (.*)$', message.rstrip())
+            message = found.group(1) if found else message
+        super().__init__(message)
+
+
 def load_image(path):
-    """PIL RGB image, as VPT and SA²VP load it; errors name the path."""
+    """PIL RGB image, as VPT and SA²VP load it (decoded in full); errors name the path."""
     try:
         with Image.open(path) as im:
             return im.convert('RGB')
     except FileNotFoundError:
-        msg = f"image file not found: {path} (`python data.py --check NAME` lists all missing files)"
-        raise FileNotFoundError(msg) from None
+        raise ImageError(f"image file not found: {path} (`python data.py --check NAME` lists every missing "
+                         f"file)") from None
     except Exception as e:
-        raise RuntimeError(f"cannot read image {path}: {e}") from e
+        raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e} (`python data.py --check NAME "
+                         f"--decode` lists every unreadable image)") from None
 
 
 class ImageListDataset(Dataset):
@@ -318,6 +339,24 @@ def build_dataset(name, split, root=None, img_size=224, mean=IMAGENET_MEAN, std=
     return ImageListDataset(name, split, folder, samples, classes, transform)
 
 
+def class_names(ds):
+    """Readable class names by label where the dataset has them, else None. digits: '0'..'9'. FGVC sets that keep
+    one folder per class use the folder name without its id (CUB '001.Black_footed_Albatross' -> 'Black footed
+    Albatross', Dogs 'n02085620-Chihuahua' -> 'Chihuahua'); when folders are numbers (NABirds) or do not follow
+    the classes (Flowers, Cars, VTAB), None."""
+    if ds.name == 'digits':
+        return [str(c) for c in range(10)]
+    folders = {}
+    for path, label in ds.samples:
+        folders.setdefault(label, set()).add(Path(path).parent.name)
+    if any(len(f) != 1 for f in folders.values()):
+        return None
+    names = {label: re.sub(r'^(\d+\.|n\d+-)', '', f.pop()).replace('_', ' ') for label, f in folders.items()}
+    if len(set(names.values())) != len(names) or any(n.isdigit() or not n for n in names.values()):
+        return None
+    return [names.get(c, str(c)) for c in range(ds.num_classes)]
+
+
 # -----------------------------------------------------------------------------
 # loaders
 
@@ -382,19 +421,29 @@ def build_loader(dataset, batch_size, train, workers=4, distributed=False, seed=
 
 
 # -----------------------------------------------------------------------------
-# python data.py --check NAME [--data-root DIR]
+# python data.py --check NAME [--data-root DIR] [--decode]
 
-def check(name, root=None):
+def unreadable(path):
+    """None if the image at `path` decodes in full, else '<path>: <why>'."""
+    try:
+        with Image.open(path) as im:
+            im.convert('RGB')
+    except Exception as e:
+        return f"{path}: {type(e).__name__}: {e}"
+    return None
+
+
+def check(name, root=None, decode=False, workers=None):
     """Per split: (split, images, distinct labels, sha256[:16] of the sorted "path label" lines).
 
     Paths are relative to the dataset folder (digits: the load_digits index) and labels are the remapped
-    ones, so the fingerprint does not depend on where the data lives. Every listed image must exist;
-    images are not decoded (that would take minutes on NABirds), so a corrupt file still surfaces at
-    load time with its path.
+    ones, so the fingerprint does not depend on where the data lives. Every listed image must exist.
+    decode=True also decodes every image in full (`workers` threads, default the CPU count; PIL releases
+    the GIL while decoding) and raises one ImageError that lists every unreadable image with its path.
     """
     kind = _kind(name)
     splits = FGVC_SPLITS if kind == 'fgvc' else VTAB_SPLITS
-    rows = []
+    rows, bad, seen = [], [], set()
     for split in splits:
         ds = build_dataset(name, split, root)
         if kind == 'digits':
@@ -406,21 +455,38 @@ def check(name, root=None):
                 raise FileNotFoundError(f"{name} {split}: {len(missing)} of {len(ds.samples)} image files are missing, "
                                         f"e.g.\n  {shown}")
             lines = [f"{Path(os.path.relpath(p, ds.root)).as_posix()} {label}" for p, label in ds.samples]
+            if decode:
+                paths = sorted({p for p, _ in ds.samples} - seen)  # an image listed in two splits: once
+                seen.update(paths)
+                with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+                    bad += [(split, msg) for msg in pool.map(unreadable, paths) if msg is not None]
         digest = hashlib.sha256('\n'.join(sorted(lines)).encode()).hexdigest()[:16]
         rows.append((split, len(ds.samples), len({label for _, label in ds.samples}), digest))
+    if bad:
+        listed = '\n  '.join(f"{split}: {msg}" for split, msg in bad)
+        raise ImageError(f"{name}: {len(bad)} of {len(seen)} images cannot be decoded; replace or re-extract "
+                         f"them:\n  {listed}")
     return rows
 
 
-if __name__ == '__main__':
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Check a dataset on disk: one line per split "
                                      "'<split> <images> <classes> <sha256[:16] of sorted path-label lines>'.")
     parser.add_argument('--check', required=True, metavar='NAME', help=f"one of: {', '.join(DATASETS)}")
     parser.add_argument('--data-root', default=None, help="data root (default: $VPT_DATA_ROOT or ./data), "
                         "or the dataset folder itself")
-    args = parser.parse_args()
+    parser.add_argument('--decode', action='store_true', help="also decode every image and list each unreadable "
+                        "one (minutes on NABirds)")
+    parser.add_argument('--workers', type=int, default=None, help="decoding threads (default: the CPU count)")
+    args = parser.parse_args(argv)
     try:
-        for row in check(args.check, args.data_root):
+        for row in check(args.check, args.data_root, args.decode, args.workers):
             print(*row)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

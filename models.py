@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -287,8 +288,8 @@ def read_checkpoint(path):
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint (.safetensors, .npz, or a torch "
-                              f"file holding a state dict): {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{path} is not a readable checkpoint (a .safetensors file, a Google ViT .npz, or a "
+                              f"torch file of tensors): {_unreadable(e)}; re-download or re-export it") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     if 'model' in obj and isinstance(obj['model'], dict):
@@ -312,6 +313,19 @@ def read_checkpoint(path):
     return sd, fmt, []
 
 
+def _unreadable(e):
+    """Why a weights file could not be read, without torch's advice to re-run with weights_only=False or
+    numpy's allow_pickle advice (both would unpickle untrusted code, and neither helps a corrupt file)."""
+    text = str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if 'allow_pickle' in text:
+        return 'not a zip archive of arrays'
+    found = re.search(r'WeightsUnpickler error:\s*(.*?)(?:\. |\n|$)', text)
+    if found:  # what torch's restricted unpickler met: "Unsupported operand 103", "Unsupported global: ..."
+        return f"{type(e).__name__}: {found.group(1)}"
+    return f"{type(e).__name__}: {lines[0].split('. ')[0]}" if lines else type(e).__name__
+
+
 def _short(keys, n=8):
     keys = sorted(keys)
     return ', '.join(keys[:n]) + (f', ... ({len(keys)} in all)' if len(keys) > n else '')
@@ -319,8 +333,10 @@ def _short(keys, n=8):
 
 def load_weights(model, path):
     """Strictly load a weights file into `model`; pos_embed is resampled to the model's grid.
-    Returns the detected format."""
+    Returns the detected format; sets model.identity to 'tensors:<tensor_digest>' of the backbone tensors as
+    read (timm names, before any resampling)."""
     sd, fmt, leftover = read_checkpoint(path)
+    digest = tensor_digest(sd)
     if 'pos_embed' in sd and sd['pos_embed'].ndim == 3 and sd['pos_embed'].shape[1] != model.pos_embed.shape[1]:
         try:
             sd['pos_embed'] = resample_pos_embed(sd['pos_embed'], model.grid)
@@ -345,12 +361,28 @@ def load_weights(model, path):
                    "MoCo v3 file; check --arch against the checkpoint.")
         raise CheckpointError('\n  '.join(msg))
     model.load_state_dict(sd, strict=True)
+    model.identity = f'tensors:{digest}'
     return fmt
 
 
+HUB_FILES = ('model.safetensors', 'pytorch_model.bin')  # what timm's hub repos hold, in timm's order of preference
+HUB_TIMEOUT = 5  # seconds for the one request that asks the hub whether a file is there
+
+
+def hub_offline():
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set to a true value, as huggingface_hub reads it."""
+    value = os.environ.get('HF_HUB_OFFLINE') or os.environ.get('TRANSFORMERS_OFFLINE') or ''
+    return value.upper() in ('1', 'ON', 'YES', 'TRUE')
+
+
 def hub_weights(arch, tag):
-    """Path of `<arch>.<tag>` weights from the Hugging Face cache (downloading if online).
-    The repo is the one timm's pretrained config names, e.g. timm/vit_base_patch16_224.mae."""
+    """Path of `<arch>.<tag>` weights from the Hugging Face cache, else downloaded from the hub.
+    The repo is the one timm's pretrained config names, e.g. timm/vit_base_patch16_224.mae.
+
+    Without the file in the cache, one request (timeout HUB_TIMEOUT s, no retries) asks the hub whether the
+    file exists before hf_hub_download is called: an unreachable hub then fails in seconds, where
+    hf_hub_download itself retries for about a minute. huggingface_hub raises LocalEntryNotFoundError, a
+    subclass of EntryNotFoundError, when it cannot reach the hub, so that case is told apart first."""
     from timm.models import get_pretrained_cfg
     try:
         cfg = get_pretrained_cfg(f'{arch}.{tag}')
@@ -359,33 +391,57 @@ def hub_weights(arch, tag):
     if cfg is None or not cfg.hf_hub_id:
         raise CheckpointError(f"timm has no pretrained weights '{arch}.{tag}'; pass a local file with --weights")
     repo = cfg.hf_hub_id
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-    errors = []
-    for fname in ('model.safetensors', 'pytorch_model.bin'):  # the cache first
+    import huggingface_hub as hf
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    for fname in HUB_FILES:  # the cache first
         try:
-            return hf_hub_download(repo, fname, local_files_only=True)
-        except Exception as e:
-            errors.append(f"{fname} not in the cache ({type(e).__name__})")
-    if os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('1', 'true', 'yes'):
-        for fname in ('model.safetensors', 'pytorch_model.bin'):  # then the hub
+            return hf.hf_hub_download(repo, fname, local_files_only=True)
+        except OSError:  # LocalEntryNotFoundError: not in the cache
+            pass
+    if hub_offline():
+        problem = "they are not in the Hugging Face cache, and HF_HUB_OFFLINE is set, so the hub was not asked"
+    else:
+        problem = None
+        for fname in HUB_FILES:
             try:
-                return hf_hub_download(repo, fname)
-            except EntryNotFoundError:  # no such file in the repo: try the next name
-                errors.append(f"{fname} not on the hub")
-            except Exception as e:  # no network: do not retry the second name
-                errors.append(f"hub unreachable ({type(e).__name__})")
+                hf.get_hf_file_metadata(hf.hf_hub_url(repo, fname), timeout=HUB_TIMEOUT)  # one attempt
+            except LocalEntryNotFoundError as e:  # must come before EntryNotFoundError, its base class
+                problem = f"they are not in the cache and the Hugging Face hub cannot be reached ({_reason(e)})"
                 break
+            except EntryNotFoundError:  # reachable, but no such file in the repo: try the next name
+                continue
+            except HfHubHTTPError as e:  # reachable, but it refused (unknown or gated repo, 5xx)
+                problem = f"the Hugging Face hub answered {_reason(e)}"
+                break
+            except Exception as e:  # connection refused, DNS, timeout, proxy: no network
+                problem = f"they are not in the cache and the Hugging Face hub cannot be reached ({_reason(e)})"
+                break
+            try:
+                return hf.hf_hub_download(repo, fname)
+            except Exception as e:
+                raise CheckpointError(f"downloading {fname} of {repo} from the Hugging Face hub failed "
+                                      f"({_reason(e)}); run again, or pass a local file with --weights") from None
+        if problem is None:
+            problem = f"the hub repo {repo} holds none of {', '.join(HUB_FILES)}"
     from huggingface_hub import constants
+    advice = ("" if hub_offline() else
+              "\n  On a machine without network, set HF_HUB_OFFLINE=1 to skip the hub.")
     raise CheckpointError(
-        f"cannot get the weights of '{arch}.{tag}' from the Hugging Face hub or its cache ({'; '.join(errors)}).\n"
+        f"cannot get the weights of '{arch}.{tag}': {problem}.\n"
         f"  Either pass the file directly: --weights /path/to/model.safetensors (or the original .npz/.pth),\n"
         f"  or fill the cache on a machine with internet:  hf download {repo} model.safetensors\n"
         f"  and copy {constants.HF_HUB_CACHE}/models--{repo.replace('/', '--')} to this machine's cache "
-        f"(HF_HOME / HF_HUB_CACHE).\n  Set HF_HUB_OFFLINE=1 on a machine without network to skip the hub's retries.")
+        f"(HF_HOME / HF_HUB_CACHE).{advice}")
+
+
+def _reason(e):
+    """'<ExceptionType>: <first line of its message>' for an error message."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def file_digest(path, n=16):
+    """sha256 of a file's bytes (the identity of a local weights file in runs recorded before tensor_digest)."""
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -393,12 +449,37 @@ def file_digest(path, n=16):
     return h.hexdigest()[:n]
 
 
+def tensor_digest(state_dict, n=16):
+    """sha256 over the tensors of a state dict: for each name in sorted order the name, shape, dtype and the
+    values' bytes (C order). The same weights give the same digest whatever file format or hub copy they came
+    from; a different value, name, shape or dtype gives another."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{str(t.dtype).replace('torch.', '')}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:n]
+
+
+def same_backbone(backbone, recorded):
+    """Whether `backbone` is the one a run recorded as `recorded`. Current runs record 'tensors:<digest>' (or
+    'random'); runs recorded before that hold a hub tag '<arch>.<tag>' or 'sha256:<digest of the file bytes>',
+    which are compared the old way so that those runs still evaluate and resume."""
+    if recorded.startswith('sha256:'):
+        path = getattr(backbone, 'weights_path', None)
+        return path is not None and recorded == f'sha256:{file_digest(path)}'
+    if recorded not in ('random',) and not recorded.startswith('tensors:'):  # an old run's hub tag
+        return getattr(backbone, 'hub_tag', None) == recorded
+    return backbone.identity == recorded
+
+
 def create_backbone(arch, pretrain='none', weights=None, img_size=224, drop_rate=0.0):
     """Build a frozen-ready ViT and load its weights.
     arch: a timm architecture name (see ARCHS). pretrain: none | in21k | in21k-augreg | mae | mocov3.
     weights: a local file in any supported format; without it, the hub weights of the pretrain tag.
-    The returned model carries .pretrain, .identity (hub tag, 'sha256:<16 hex>' of a local file, or
-    'random'), .readout, .mean and .std."""
+    The returned model carries .pretrain, .identity ('tensors:<16 hex>', the tensor_digest of the loaded
+    weights, whichever file or hub copy held them; 'random' for pretrain='none'), .hub_tag ('<arch>.<tag>' when
+    the weights came from the hub, else None), .weights_path, .readout, .mean and .std."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
     if pretrain not in PRETRAIN:
@@ -411,13 +492,16 @@ def create_backbone(arch, pretrain='none', weights=None, img_size=224, drop_rate
     if weights is None and pretrain == 'mocov3':
         raise CheckpointError(f"pretrain='mocov3' has no hub copy: download {MOCO_URL} (or the linear-probe "
                               f"file) and pass it with --weights")
-    identity = 'random'
+    if pretrain == 'none' and weights is not None:
+        raise CheckpointError(f"pretrain='none' means a random backbone, but a weights file was given ({weights}): "
+                              f"drop --weights, or say what the file holds with --pretrain "
+                              f"{'|'.join(p for p in PRETRAIN if p != 'none')}")
+    model.hub_tag = None
     if weights is None and tag is not None:
-        weights, identity = hub_weights(arch, tag), f'{arch}.{tag}'
+        weights, model.hub_tag = hub_weights(arch, tag), f'{arch}.{tag}'
+    model.weights_path = weights
     if weights is not None:
-        model.weights_format = load_weights(model, weights)
-        if identity == 'random':  # a local file: identified by its content, whatever its name
-            identity = f'sha256:{file_digest(weights)}'
-    model.pretrain, model.identity, model.readout, model.mean, model.std = pretrain, identity, readout, mean, std
+        model.weights_format = load_weights(model, weights)  # sets model.identity
+    model.pretrain, model.readout, model.mean, model.std = pretrain, readout, mean, std
     model.arch = arch
     return model

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import bench
 import methods
@@ -74,7 +75,15 @@ def test_ratios_are_positive_and_finite(run):
     assert len(judged) == 1 + 4 + 3 + 4 + 2 + 4   # sa2vp with and without its dropout
     for r in judged:
         assert math.isfinite(r['target_value']) and r['target_value'] > 0, r['arm']
-        assert r['target_pass'] == (r['target_value'] <= r['target_bound'])
+        lo, hi = r['target_spread']
+        assert lo <= r['target_value'] <= hi
+        assert r['target_verdict'] == bench.verdict(lo, hi, r['target_bound'])
+        assert r['target_pass'] == {'pass': True, 'MISS': False, 'unresolved': None}[r['target_verdict']]
+        assert r['target'].endswith(r['target_verdict'])
+    # the spread is that of the per-round ratios, e.g. VPT-deep P=4 / the backbone, round by round
+    bb, vpt = find(rows, role='backbone'), find(rows, method='vpt', prompts=4)
+    per_round = [a / b for a, b in zip(vpt['train_times_ms'], bb['train_times_ms'])]
+    assert vpt['target_spread'] == [min(per_round), max(per_round)]
     N1 = IMG // 8 * (IMG // 8) + 1
     assert find(rows, method='vpt', prompts=4)['target_bound'] == pytest.approx(1.1 * (N1 + 4) / N1)
     assert find(rows, role='spt-init', options={'spt_init': 'kmeans'})['target_bound'] == 1.0
@@ -133,3 +142,38 @@ def test_json_mode(capsys):
 def test_bad_arguments():
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         bench.parse_args(['--methods', 'vpt,nope'])
+
+
+def test_verdict_is_unresolved_when_the_rounds_straddle_the_bound():
+    assert bench.verdict(0.9, 1.0, 1.05) == 'pass'
+    assert bench.verdict(1.06, 1.3, 1.05) == 'MISS'
+    assert bench.verdict(0.15, 1.4, 1.1) == 'unresolved'  # a noisy round cannot decide either way
+    assert bench.verdict(1.05, 1.05, 1.05) == 'pass'
+
+
+def test_markdown_counts_unresolved(run):
+    rows, _, out = run
+    verdicts = [r['target_verdict'] for r in rows if r['target_verdict']]
+    summary = out.splitlines()[-1]
+    assert summary.startswith(f"speed targets: {verdicts.count('pass')} pass, {verdicts.count('MISS')} miss")
+    assert f", {verdicts.count('unresolved')} unresolved" in summary
+
+
+def test_help_shows_every_default_and_device(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert text.count('(default: ') == 15  # every option but --help: --arch ... --seed, --json
+    assert '--device DEVICE auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)' in text
+    assert "bf16 autocast on CUDA, fp32 on the CPU (default: auto)" in text
+
+
+def test_device_and_amp_follow_train_py(capsys):
+    import train
+    if not torch.cuda.is_available():
+        with pytest.raises(train.RunError, match='--device cuda: torch sees no CUDA device'):
+            bench.main(['--device', 'cuda'])
+    results = bench.main(['--arch', ARCH, '--img-size', '16', '--batch-size', '2', '--iters', '1', '--warmup', '0',
+                          '--methods', 'linear', '--prompts', '2', '--threads', '1', '--device', 'cpu', '--json'])
+    capsys.readouterr()
+    assert results[0]['device'] == 'cpu' and results[0]['amp'] == 'none'  # auto: fp32 on the CPU, as train.py

@@ -304,14 +304,68 @@ def test_error_unreadable_and_missing_image(root, monkeypatch):
     with pytest.raises(RuntimeError, match=r"cannot read image .*OxfordFlower/jpg/image_train00000\.jpg"):
         ds[0]
     Path(ds.samples[1][0]).unlink()
-    with pytest.raises(FileNotFoundError, match=r"image file not found: .*OxfordFlower/jpg/image_train00001\.jpg"):
+    with pytest.raises(data.ImageError, match=r"image file not found: .*OxfordFlower/jpg/image_train00001\.jpg"):
         ds[1]
     monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')  # check() builds with the default strict_classes
     with pytest.raises(FileNotFoundError, match=r"(?s)flowers train: 1 of 6 image files are missing.*train00001\.jpg"):
         data.check('flowers', root / 'OxfordFlower')  # --check finds it up front
     # the loader propagates the error with the path
-    with pytest.raises(FileNotFoundError, match='image_train00001'):
+    with pytest.raises(data.ImageError, match='image_train00001'):
         list(data.build_loader(torch.utils.data.Subset(ds, [1]), 2, train=False, workers=0))
+
+
+def test_image_error_from_a_worker_is_one_line(root):
+    """torch re-raises a worker's exception as type(e)('Caught ... in DataLoader worker process N' + traceback);
+    ImageError keeps only the original message."""
+    ds = build('cub', 'val', root, img_size=16)
+    bad = ds.samples[2][0]
+    Path(bad).write_bytes(b'not an image')
+    with pytest.raises(data.ImageError) as info:
+        list(data.build_loader(ds, 1, train=False, workers=2))
+    message = str(info.value)
+    assert message.startswith(f"cannot read image {bad}: UnidentifiedImageError") and '\n' not in message
+    assert 'Traceback' not in message and 'worker process' not in message and '--decode' in message
+
+
+def test_more_classes_than_the_dataset_is_always_an_error(tmp_path, monkeypatch):
+    make_fgvc(tmp_path, 'dogs', {'train': list(range(1, 122)), 'val': [1]})  # 121 classes; Stanford Dogs has 120
+    monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')
+    with pytest.raises(ValueError, match=r"train\.json has 121 classes but dogs has 120: the split files of another"):
+        data.build_dataset('dogs', 'val', tmp_path)
+    monkeypatch.delenv('VPT_ALLOW_PARTIAL')
+    make_fgvc(tmp_path, 'cub', {'train': [1, 2], 'val': [1]})
+    with pytest.raises(ValueError, match=r"has 2 classes but cub has 200.*set VPT_ALLOW_PARTIAL=1") as info:
+        data.build_dataset('cub', 'val', tmp_path)
+    assert 'strict_classes' not in str(info.value)
+
+
+def write_truncated_jpeg(path):
+    write_jpeg(path, (64, 64), seed=1)
+    path.write_bytes(path.read_bytes()[:300])  # header intact, scan data cut: opens, fails to decode
+
+
+def test_check_decode_lists_every_unreadable_image(root, monkeypatch, capsys):
+    monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')
+    folder = root / 'dogs'
+    val = json.loads((folder / 'val.json').read_text())
+    truncated = folder / 'Images' / sorted(val)[0]
+    write_truncated_jpeg(truncated)
+    garbage = folder / 'Images' / sorted(json.loads((folder / 'test.json').read_text()))[1]
+    garbage.write_bytes(b'GIF89a but not really')
+    assert len(data.check('dogs', root)) == 3  # without --decode the files only have to exist
+    with pytest.raises(data.ImageError) as info:
+        data.check('dogs', root, decode=True, workers=2)
+    message = str(info.value)
+    assert message.startswith('dogs: 2 of 12 images cannot be decoded')
+    assert f"val: {truncated}: OSError" in message and f"test: {garbage}: " in message
+    with pytest.raises(data.ImageError, match=str(truncated)):
+        data.load_image(str(truncated))  # the same file fails at load time
+    assert data.main(['--check', 'dogs', '--data-root', str(root), '--decode']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: dogs: 2 of 12 images') and str(garbage) in err and 'Traceback' not in err
+    for p in (truncated, garbage):
+        write_jpeg(p, (20, 20), seed=3)
+    assert data.main(['--check', 'dogs', '--data-root', str(root), '--decode']) == 0
 
 
 def test_error_unknown_split(root):
@@ -425,3 +479,18 @@ def test_check_cli(cli_runs, monkeypatch):
     out, err = runs['missing'].communicate(timeout=120)
     assert runs['missing'].returncode == 1 and out == ''
     assert err.startswith('error: ') and 'vtab-1k/sun397' in err and 'train800.txt' in err and 'Traceback' not in err
+
+
+def test_class_names():
+    assert data.class_names(data.build_dataset('digits', 'val200', img_size=8)) == [str(c) for c in range(10)]
+    ds = data.ImageListDataset('cub', 'val', Path('/r'), [('/r/images/001.Black_footed_Albatross/a.jpg', 0),
+                                                          ('/r/images/003.Sooty_Albatross/b.jpg', 2)], 3, None)
+    assert data.class_names(ds) == ['Black footed Albatross', '1', 'Sooty Albatross']  # '1': absent from the split
+    dogs = data.ImageListDataset('dogs', 'val', Path('/r'), [('/r/Images/n02085620-Chihuahua/a.jpg', 0),
+                                                             ('/r/Images/n02085782-Japanese_spaniel/b.jpg', 1)],
+                                 2, None)
+    assert data.class_names(dogs) == ['Chihuahua', 'Japanese spaniel']
+    for samples in ([('/r/images/0817/a.jpg', 0), ('/r/images/0818/b.jpg', 1)],          # NABirds: folders are ids
+                    [('/r/images/train800/0.jpg', 0), ('/r/images/train800/1.jpg', 1)],  # VTAB: one folder
+                    [('/r/A/0.jpg', 0), ('/r/B/1.jpg', 0)]):                             # a class in two folders
+        assert data.class_names(data.ImageListDataset('x', 'val', Path('/r'), samples, 2, None)) is None

@@ -1,5 +1,6 @@
 """Tests of the hand-written ViT (models.py): equality with timm, every checkpoint layout, bad input."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -184,14 +185,18 @@ def test_every_format_round_trips(tmp_path):
     paths = write_all_formats(src, tmp_path)
     expected_fmt = ['.safetensors', 'timm state dict', 'timm state dict', 'Google ViT .npz',
                     "MAE checkpoint", 'MoCo v3 pre-training', 'MoCo v3 linear-probe']
-    seen = []
+    backbone_sd = {k: v for k, v in src.state_dict().items() if not k.startswith('head.')}
+    seen, identities = [], set()
     for pretrain, files in paths.items():
         for p in files:
             m = models.create_backbone('vit_micro_patch8', pretrain=pretrain, weights=str(p), img_size=32).eval()
             seen.append(m.weights_format)
             with torch.no_grad():
                 assert max_diff(m.forward_features(x), want) <= 1e-6, p
-            assert m.identity == 'sha256:' + models.file_digest(str(p)) and m.pretrain == pretrain
+            assert m.pretrain == pretrain and m.identity != 'sha256:' + models.file_digest(str(p))
+            identities.add(m.identity)
+    # seven files, seven byte streams, one set of tensors: one identity, the digest of those tensors
+    assert identities == {'tensors:' + reference_digest(backbone_sd)}
     for e, s in zip(expected_fmt, seen):
         assert e in s
     # timm's own npz loader reads our test-written npz to the same model (checks the test writer too)
@@ -199,6 +204,54 @@ def test_every_format_round_trips(tmp_path):
     _load_weights(t, str(tmp_path / 'ViT-B_16.npz'))
     with torch.no_grad():
         assert max_diff(t.forward_features(x), want) <= 1e-6
+
+
+def reference_digest(sd):
+    """The definition of models.tensor_digest, written out: sha256 over the sorted names, each name|shape|dtype
+    line followed by the values' bytes."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        a = sd[name].detach().numpy()
+        h.update(f"{name}|{tuple(a.shape)}|{a.dtype}\n".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_tensor_digest_sees_every_value_name_shape_and_dtype():
+    sd = {'b': torch.arange(6.0).reshape(2, 3), 'a': torch.ones(4)}
+    d = models.tensor_digest(sd)
+    assert d == reference_digest(sd) == models.tensor_digest(dict(reversed(list(sd.items()))))  # order-free
+    assert models.tensor_digest({'b': sd['b'].T.contiguous().T, 'a': sd['a']}) == d       # memory layout-free
+    bumped = sd['b'].clone()
+    bumped[1, 2] = torch.nextafter(bumped[1, 2], torch.tensor(1e9))                       # one ulp
+    variants = [{'b': bumped, 'a': sd['a']}, {'c': sd['b'], 'a': sd['a']}, {'b': sd['b'].reshape(3, 2), 'a': sd['a']},
+                {'b': sd['b'].double(), 'a': sd['a']}, {'b': sd['b']}]
+    assert len({models.tensor_digest(v) for v in variants} | {d}) == len(variants) + 1
+
+
+def test_same_backbone_reads_old_identities(tmp_path):
+    """Runs recorded before the tensor digest hold the sha256 of the file bytes or the hub tag."""
+    src = timm_vit(MICRO, 32)
+    torch.save(src.state_dict(), tmp_path / 'a.pth')
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / 'a.safetensors'))
+    a = models.create_backbone('vit_micro_patch8', 'in21k', weights=str(tmp_path / 'a.pth'), img_size=32)
+    b = models.create_backbone('vit_micro_patch8', 'in21k', weights=str(tmp_path / 'a.safetensors'), img_size=32)
+    assert models.same_backbone(b, a.identity) and a.identity.startswith('tensors:')
+    old = 'sha256:' + models.file_digest(str(tmp_path / 'a.pth'))
+    assert models.same_backbone(a, old) and not models.same_backbone(b, old)  # old records: the bytes decide
+    assert not models.same_backbone(a, 'vit_micro_patch8.orig_in21k')         # an old hub record, a local file
+    a.hub_tag = 'vit_micro_patch8.orig_in21k'
+    assert models.same_backbone(a, 'vit_micro_patch8.orig_in21k')
+    assert models.same_backbone(models.create_backbone('vit_micro_patch8', img_size=32), 'random')
+    assert not models.same_backbone(models.create_backbone('vit_micro_patch8', img_size=32), a.identity)
+
+
+def test_pretrain_none_refuses_a_weights_file(tmp_path):
+    torch.save(timm_vit(MICRO, 32).state_dict(), tmp_path / 'w.pth')
+    with pytest.raises(models.CheckpointError, match=r"pretrain='none' means a random backbone.*drop --weights"):
+        models.create_backbone('vit_micro_patch8', 'none', weights=str(tmp_path / 'w.pth'), img_size=32)
 
 
 def test_load_at_other_size_resamples(tmp_path):
@@ -288,9 +341,19 @@ def test_unknown_extra_key_is_an_error(tmp_path, good_sd):
 
 
 def test_not_a_checkpoint(tmp_path):
-    (tmp_path / 'notes.pth').write_text('these are not weights')
-    with pytest.raises(models.CheckpointError, match=r"notes\.pth: cannot be read as a checkpoint"):
-        load(tmp_path / 'notes.pth')
+    (tmp_path / 'notes.pth').write_text('garbage bytes here')  # torch: 'Unsupported operand 103' + its advice
+    (tmp_path / 'notes.npz').write_text('these are not arrays')
+    torch.save(timm_vit(MICRO, 32).state_dict(), tmp_path / 'good.pth')
+    (tmp_path / 'cut.pth').write_bytes((tmp_path / 'good.pth').read_bytes()[:4096])
+    for name, why in [('notes.pth', 'UnpicklingError: Unsupported operand 103'),
+                      ('notes.npz', 'not a zip archive of arrays'),
+                      ('cut.pth', 'failed reading zip archive')]:
+        with pytest.raises(models.CheckpointError) as info:
+            load(tmp_path / name)
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / name} is not a readable checkpoint") and why in message, message
+        # torch's and numpy's advice to unpickle the file (weights_only=False / allow_pickle) is not relayed
+        assert 'weights_only' not in message and 'allow_pickle' not in message and '\n' not in message
     torch.save([1, 2, 3], tmp_path / 'list.pth')
     with pytest.raises(models.CheckpointError, match=r"list\.pth: holds a list, not a state dict"):
         load(tmp_path / 'list.pth')
@@ -323,6 +386,78 @@ def test_hub_unreachable_without_cache(tmp_path):
     assert "ERROR: cannot get the weights of 'vit_base_patch16_224.mae'" in r.stdout
     assert '--weights' in r.stdout and 'hf download timm/vit_base_patch16_224.mae' in r.stdout
     assert 'models--timm--vit_base_patch16_224.mae' in r.stdout
+    assert 'HF_HUB_OFFLINE is set' in r.stdout and 'set HF_HUB_OFFLINE=1' not in r.stdout  # no advice to set it again
+    # a hub that refuses connections (a closed local port): the real huggingface_hub, one request, the right words
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    r = run_py(code, {'HF_HUB_OFFLINE': '0', 'HF_HOME': str(tmp_path / 'hf'),
+                      'HF_ENDPOINT': f'http://127.0.0.1:{port}'})
+    assert r.returncode == 0, r.stderr
+    assert 'the Hugging Face hub cannot be reached (ConnectError' in r.stdout, r.stdout
+    assert 'not on the hub' not in r.stdout and 'set HF_HUB_OFFLINE=1 to skip the hub' in r.stdout
+
+
+class FakeHub:
+    """huggingface_hub's hf_hub_download / get_hf_file_metadata replaced: nothing is cached, and every metadata
+    request raises errors.pop(0) (or succeeds when the list is empty); records the calls."""
+
+    def __init__(self, monkeypatch, errors):
+        import huggingface_hub as hf
+        self.errors, self.calls = list(errors), []
+        monkeypatch.setattr(hf, 'hf_hub_download', self.download)
+        monkeypatch.setattr(hf, 'get_hf_file_metadata', self.metadata)
+
+    def download(self, repo, filename, local_files_only=False, **kw):
+        from huggingface_hub.errors import LocalEntryNotFoundError
+        self.calls.append(('cache' if local_files_only else 'download', filename))
+        if local_files_only:
+            raise LocalEntryNotFoundError(f'{filename} is not in the cache')
+        return f'/fake/{filename}'
+
+    def metadata(self, url, timeout=None, **kw):
+        self.calls.append(('ask', url.rsplit('/', 1)[-1], timeout))
+        if self.errors:
+            raise self.errors.pop(0)
+
+
+@pytest.mark.parametrize('error', ['local-entry', 'connection', 'timeout'])
+def test_unreachable_hub_is_one_short_request(monkeypatch, error):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.delenv('TRANSFORMERS_OFFLINE', raising=False)
+    exc = {'local-entry': LocalEntryNotFoundError('cannot reach the hub'),  # a subclass of EntryNotFoundError
+           'connection': ConnectionError('[Errno -2] Name or service not known'),
+           'timeout': TimeoutError('timed out')}[error]
+    hub = FakeHub(monkeypatch, [exc, exc])
+    with pytest.raises(models.CheckpointError) as info:
+        models.hub_weights('vit_base_patch16_224', 'mae')
+    message = str(info.value)
+    # the cache is looked at for both names, then ONE request with the short timeout; the second name is not asked
+    assert hub.calls == [('cache', 'model.safetensors'), ('cache', 'pytorch_model.bin'),
+                         ('ask', 'model.safetensors', models.HUB_TIMEOUT)]
+    assert models.HUB_TIMEOUT <= 10
+    assert 'the Hugging Face hub cannot be reached' in message and 'holds none of' not in message
+    assert '--weights' in message and 'hf download timm/vit_base_patch16_224.mae' in message
+    assert 'set HF_HUB_OFFLINE=1' in message
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    hub = FakeHub(monkeypatch, [exc])
+    with pytest.raises(models.CheckpointError) as info:
+        models.hub_weights('vit_base_patch16_224', 'mae')
+    assert [c[0] for c in hub.calls] == ['cache', 'cache']  # offline: the hub is not asked
+    assert 'HF_HUB_OFFLINE is set' in str(info.value) and 'set HF_HUB_OFFLINE=1' not in str(info.value)
+
+
+def test_hub_file_missing_tries_the_next_name(monkeypatch):
+    from huggingface_hub.errors import EntryNotFoundError
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    hub = FakeHub(monkeypatch, [EntryNotFoundError('404 model.safetensors')])
+    assert models.hub_weights('vit_base_patch16_224', 'mae') == '/fake/pytorch_model.bin'
+    assert hub.calls[2:] == [('ask', 'model.safetensors', models.HUB_TIMEOUT),
+                             ('ask', 'pytorch_model.bin', models.HUB_TIMEOUT), ('download', 'pytorch_model.bin')]
+    hub = FakeHub(monkeypatch, [EntryNotFoundError('404'), EntryNotFoundError('404')])
+    with pytest.raises(models.CheckpointError, match='holds none of model.safetensors, pytorch_model.bin'):
+        models.hub_weights('vit_base_patch16_224', 'mae')
 
 
 def test_hub_weights_from_cache(tmp_path):
@@ -341,10 +476,14 @@ def test_hub_weights_from_cache(tmp_path):
     code = ("import torch, models\n"
             "m = models.create_backbone('vit_tiny_patch16_224', 'in21k-augreg').eval()\n"
             f"x = torch.load(r'{tmp_path / 'x.pt'}')\n"
-            f"torch.save((m.identity, m.forward_features(x).detach()), r'{tmp_path / 'out.pt'}')\n")
+            f"torch.save((m.identity, m.hub_tag, m.forward_features(x).detach()), r'{tmp_path / 'out.pt'}')\n")
     r = run_py(code, {'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')})
     assert r.returncode == 0, r.stderr
-    identity, feats = torch.load(tmp_path / 'out.pt')
-    assert identity == 'vit_tiny_patch16_224.augreg_in21k'
+    identity, tag, feats = torch.load(tmp_path / 'out.pt')
+    assert tag == 'vit_tiny_patch16_224.augreg_in21k'
+    # the hub copy and a local file of the same tensors (another format, with the head) are one backbone
+    torch.save(src.state_dict(), tmp_path / 'local.pth')
+    local = models.create_backbone('vit_tiny_patch16_224', 'in21k-augreg', weights=str(tmp_path / 'local.pth'))
+    assert identity == local.identity and identity.startswith('tensors:')
     with torch.no_grad():
         assert max_diff(feats, src.forward_features(x)) <= 1e-5

@@ -1,7 +1,7 @@
 """Tests for train.py and eval.py on the CPU: a tiny random ViT (vit_nano_patch8: dim 32, depth 2) on the offline
 digits set at 16 px, a few steps per run.
 
-Run: python -m pytest -q test_train.py     (26 tests, about 1 minute on a shared 2-core CPU)
+Run: python -m pytest -q test_train.py     (33 tests, about 80 s on a shared 2-core CPU)
 
 Most runs call train.main([...]) in-process with one torch thread (with 2 threads on a 2-core CPU whose other
 core is busy, these tiny models ran up to ~30x slower). The torchrun and CLI runs are subprocesses started at the beginning of the module
@@ -14,6 +14,9 @@ accuracy tests are fast and far from chance.
 
 import json
 import os
+import platform
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as eval_py
 import methods
 import models
@@ -32,9 +36,24 @@ from train import RunError
 HERE = Path(__file__).resolve().parent
 TINY = ['--arch', 'vit_nano_patch8', '--pretrain', 'none', '--data', 'digits', '--img-size', '16', '--workers', '0',
         '--log-interval', '0']
+TINY_IN21K = [a if a != 'none' else 'in21k' for a in TINY]  # the same, on a weights file given with --weights
+
+
+def weights_files(tmp_path):
+    """({'pth', 'safetensors'}: one set of vit_nano tensors in two formats, another set as .pth)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(1)
+    sd = models.create_backbone('vit_nano_patch8', img_size=16).state_dict()
+    a = {'pth': tmp_path / 'a.pth', 'safetensors': tmp_path / 'a.safetensors'}
+    torch.save(sd, a['pth'])
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(a['safetensors']))
+    torch.manual_seed(2)
+    torch.save(models.create_backbone('vit_nano_patch8', img_size=16).state_dict(), tmp_path / 'b.pth')
+    return a, tmp_path / 'b.pth'
 CKPT_KEYS = {'model', 'optimizer', 'scaler', 'step', 'epoch', 'rng', 'args', 'identity', 'method'}
-METRIC_KEYS = {'epoch', 'train_loss', 'eval_accuracy', 'lr', 'images_per_s', 'peak_mem_mb', 'time'}
-RESULT_KEYS = {'method', 'data', 'eval_split', 'accuracy', 'tuned_params', 'total_params', 'epochs', 'config'}
+METRIC_KEYS = {'epoch', 'train_loss', 'accuracy', 'eval_split', 'lr', 'images_per_s', 'peak_mem_mb', 'time'}
+RESULT_KEYS = {'method', 'data', 'eval_split', 'accuracy', 'tuned_params', 'total_params', 'epochs', 'config',
+               'arch', 'pretrain', 'seed', 'wall_time_s', 'device', 'torch', 'timm', 'python', 'git_commit'}
 
 
 def free_port():
@@ -127,7 +146,7 @@ def test_recipes_resolve_and_overrides_win():
         ('adamw', 1e-3, 1e-2, 1.0, 32, 1e-8)
     assert (cfg['arch'], cfg['pretrain'], cfg['img_size']) == ('vit_base_patch16_224', 'in21k', 224)
     assert cfg['eval_split'] == 'val'
-    assert cfg['out'] == os.path.join('runs', 'spt-cub-in21k-seed0')
+    assert cfg['out'] == os.path.join('runs', 'spt-cub-in21k-base_patch16-val-seed0')
     cfg, _ = train.parse_args(['--method', 'vpt', '--data', 'dogs', '--lr', '0.5', '--epochs', '7'])
     assert (cfg['lr'], cfg['epochs'], cfg['wd'], cfg['batch_size'], cfg['warmup_epochs']) == (0.5, 7, 1e-3, 64, 10)
     cfg, _ = train.parse_args(['--method', 'sa2vp', '--data', 'cars'])
@@ -174,7 +193,13 @@ def test_every_method_trains(trained, method):
     assert [r['epoch'] for r in rows] == [1, 2, 3] and all(METRIC_KEYS <= set(r) for r in rows)
     assert RESULT_KEYS <= set(result) and result == json.loads((out / 'result.json').read_text())
     assert result['method'] == method and result['eval_split'] == 'val' and result['epochs'] == 3
-    assert result['accuracy'] == rows[-1]['eval_accuracy'] and 0 <= result['accuracy'] <= 100
+    assert result['accuracy'] == rows[-1]['accuracy'] and 0 <= result['accuracy'] <= 100
+    assert all(r['eval_split'] == result['eval_split'] for r in rows)  # one name for the accuracy and the split
+    assert (result['arch'], result['pretrain'], result['seed']) == ('vit_nano_patch8', 'none', 0)
+    assert result['python'] == platform.python_version() and result['torch'] == torch.__version__
+    assert result['device'].startswith('cpu') and result['wall_time_s'] > 0
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    assert result['git_commit'].removesuffix('-dirty') == head  # the tests run in a git checkout
     given = SHORT_RUN.get(method, [])
     lr = float(given[given.index('--lr') + 1]) if '--lr' in given else methods.METHODS[method].recipe['lr']
     assert result['config']['backbone_identity'] == 'random' and result['config']['lr'] == lr
@@ -239,7 +264,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert torch.load(b / 'last.pt', weights_only=True)['epoch'] == 2
     result_b = train.main(args + ['--out', str(b), '--resume'])
     assert result_b['accuracy'] == result_a['accuracy']
-    strip = lambda rows: [{k: r[k] for k in ('epoch', 'train_loss', 'eval_accuracy', 'lr')} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: r[k] for k in ('epoch', 'train_loss', 'accuracy', 'lr')} for r in rows]  # noqa: E731
     assert strip(read_metrics(b)) == strip(read_metrics(a))
     ca, cb = (torch.load(d / 'last.pt', weights_only=True) for d in (a, b))
     assert set(ca['model']) == set(cb['model'])
@@ -258,9 +283,18 @@ def test_resume_refuses_other_method_or_backbone(tmp_path):
         train.main(TINY + ['--method', 'spt', '--resume', '--out', str(out)])
     other = tmp_path / 'other.pth'
     torch.save(models.create_backbone('vit_nano_patch8', img_size=16).state_dict(), other)
-    with pytest.raises(RunError, match=r'backbone is sha256:[0-9a-f]{16}, but the checkpoint was trained on '
-                                       r'random'):
+    with pytest.raises(RunError, match=r'--pretrain none means a random backbone.*drop --weights'):
         train.main(TINY + ['--method', 'vpt', '--resume', '--out', str(out), '--weights', str(other)])
+    # a run on a weights file resumes on the same tensors in another format, not on other tensors
+    a, b = weights_files(tmp_path)
+    run_a = tmp_path / 'run-a'
+    args_a = TINY_IN21K + ['--method', 'vpt', '--prompts', '4', '--epochs', '2', '--max-steps-per-epoch', '1',
+                           '--batch-size', '16', '--out', str(run_a)]
+    assert train.main(args_a + ['--weights', str(a['pth']), '--stop-after-epoch', '1']) is None
+    with pytest.raises(RunError, match=r'backbone is tensors:[0-9a-f]{16}, but the checkpoint was trained on '
+                                       r'tensors:[0-9a-f]{16}'):
+        train.main(['--resume', '--out', str(run_a), '--weights', str(b)])
+    assert train.main(['--resume', '--out', str(run_a), '--weights', str(a['safetensors'])])['epochs'] == 2
     with pytest.raises(RunError, match='different configuration: --lr'):
         train.main(TINY + ['--method', 'vpt', '--resume', '--out', str(out), '--lr', '0.1'])
     assert train.main(TINY + ['--resume', '--out', str(out), '--workers', '0'])['epochs'] == 2  # the run is intact
@@ -269,7 +303,7 @@ def test_resume_refuses_other_method_or_backbone(tmp_path):
 def test_finished_run_dir_is_not_overwritten(trained):
     out, result = vpt_run(trained)
     args = TINY + ['--method', 'vpt', '--prompts', '4', '--out', str(out)]
-    with pytest.raises(RunError, match='already holds a finished run'):
+    with pytest.raises(RunError, match=r'already holds a finished run .*--resume.*--overwrite.*--out DIR'):
         train.main(args)
     assert json.loads((out / 'result.json').read_text()) == result
     assert train.main(args + ['--resume'])['accuracy'] == result['accuracy']  # nothing left to train
@@ -329,23 +363,59 @@ def test_eval_reproduces_and_refuses_other_backbone(trained, tmp_path, capsys):
     out, result = vpt_run(trained)
     assert eval_py.main(['--run', str(out), '--workers', '0']) == result['accuracy']
     assert f"train.py reported {result['accuracy']:.2f}%" in capsys.readouterr().out
-    other = tmp_path / 'other.pth'
-    torch.save(models.create_backbone('vit_nano_patch8', img_size=16).state_dict(), other)
-    with pytest.raises(RunError, match=r'trained on random, but the backbone built here is sha256:[0-9a-f]{16}'):
-        eval_py.main(['--run', str(out), '--weights', str(other), '--workers', '0'])
+    record = json.loads((out / 'eval-val.json').read_text())  # eval.py's result, next to train.py's
+    assert record['accuracy'] == result['accuracy'] and record['eval_split'] == 'val' and record['images'] == 200
+    assert {'device', 'torch', 'timm', 'python', 'git_commit', 'backbone_identity'} <= set(record)
+    a, b = weights_files(tmp_path)
+    run = tmp_path / 'run-a'
+    trained_a = train.main(TINY_IN21K + ['--method', 'linear', '--epochs', '1', '--max-steps-per-epoch', '2',
+                                         '--batch-size', '16', '--weights', str(a['pth']), '--out', str(run)])
+    for fmt in ('pth', 'safetensors'):  # the same tensors in any file are the same backbone
+        assert eval_py.main(['--run', str(run), '--weights', str(a[fmt]), '--workers', '0']) == trained_a['accuracy']
+    with pytest.raises(RunError, match=r'trained on tensors:[0-9a-f]{16}, but the backbone built here is '
+                                       r'tensors:[0-9a-f]{16}'):
+        eval_py.main(['--run', str(run), '--weights', str(b), '--workers', '0'])
+    # a run recorded before tensor digests (identity = sha256 of the file bytes) still evaluates on that file
+    ckpt = torch.load(run / 'last.pt', weights_only=True)
+    ckpt['identity'] = 'sha256:' + models.file_digest(str(a['pth']))
+    torch.save(ckpt, run / 'last.pt')
+    assert eval_py.main(['--run', str(run), '--workers', '0']) == trained_a['accuracy']
+    with pytest.raises(RunError, match='backbone mismatch'):
+        eval_py.main(['--run', str(run), '--weights', str(a['safetensors']), '--workers', '0'])
 
 
 @pytest.mark.parametrize('method', ['vpt', 'sa2vp'])
-def test_eval_maps(trained, method):
+def test_eval_maps(trained, method, capsys):
     out, _ = short_run(trained, method)
     eval_py.main(['--run', str(out), '--maps', '3', '--workers', '0'])
-    kinds = ['attention'] + (['similarity'] if method == 'sa2vp' else [])
-    for i in range(3):
-        for kind in kinds:
-            with Image.open(out / 'maps' / f'{i:03d}_{kind}.png') as im:
-                im.load()
-                assert im.mode == 'RGB' and im.width > im.height >= 16
-    assert len(list((out / 'maps').glob('*.png'))) == 3 * len(kinds)
+    captured = capsys.readouterr()
+    assert 'warning: the patch grid is 2x2 (--img-size 16 / patch 8)' in captured.err  # 16 px: too coarse to read
+    assert re.search(r'drew maps of 3 images into .*maps \(one figure each\); colour scale shared', captured.out)
+    files = sorted((out / 'maps').glob('*.png'))
+    assert [f.name for f in files] == [f'val200_{i:05d}.png' for i in range(3)]  # one figure per image
+    for f in files:
+        with Image.open(f) as im:
+            im.load()
+            assert im.width > im.height >= 200  # input + one panel per map, side by side
+
+
+def test_maps_titles_predictions_and_one_scale(trained, tmp_path):
+    out, _ = short_run(trained, 'sa2vp')  # two maps per image
+    model, cfg = eval_py.load_run(str(out), torch.device('cpu'))
+    ds = data.build_dataset('digits', 'val200', img_size=16, mean=cfg['mean'], std=cfg['std'])
+    figures, scales = eval_py.write_maps(model, ds, 5, 2, torch.device('cpu'), cfg['mean'], cfg['std'], str(tmp_path),
+                                         'val200')
+    x = torch.stack([ds[i][0] for i in range(5)])
+    with torch.no_grad():
+        pred = model(x).argmax(-1).tolist()
+    for i, f in enumerate(figures):
+        assert (f['index'], f['true'], f['pred']) == (i, ds[i][1], pred[i])
+        assert f['title'] == f"val200 image {i}: true {ds[i][1]}, predicted {pred[i]}"  # digits' names are digits
+        assert Path(f['path']).is_file()
+    # one colour scale per kind for the whole run: the min and max over all 5 images (drawn 2 at a time)
+    for kind, fn in [('attention', eval_py.attention_map), ('similarity', eval_py.similarity_map)]:
+        m = fn(model, x)
+        assert scales[kind] == pytest.approx((m.min().item(), m.max().item()), abs=1e-6)
 
 
 def test_attention_map_is_a_distribution_over_patches(trained):
@@ -354,3 +424,167 @@ def test_attention_map_is_a_distribution_over_patches(trained):
     x = torch.randn(2, 3, 16, 16)
     a = eval_py.attention_map(model, x)
     assert a.shape == (2, 2, 2) and (a >= 0).all() and (a.sum((1, 2)) <= 1 + 1e-6).all()
+
+
+# -----------------------------------------------------------------------------
+# first contact: run directories, one-line errors, Ctrl-C, the order of checks, --device, feedback
+
+
+def test_default_out_distinguishes_every_result_changing_flag():
+    base = ['--method', 'vpt', '--data', 'cub']
+    variants = [[], ['--eval-split', 'test'], ['--lr', '0.1'], ['--arch', 'vit_small_patch16_224'],
+                ['--pretrain', 'mae'], ['--seed', '1'], ['--prompts', '10'], ['--depth', 'shallow'],
+                ['--epochs', '5'], ['--batch-size', '32'], ['--wd', '0'], ['--warmup-epochs', '2'], ['--img-size', '112'],
+                ['--eval-split', 'test', '--lr', '0.1'], ['--lr', '0.1', '--wd', '0']]
+    outs = [train.parse_args(base + v)[0]['out'] for v in variants]
+    assert len(set(outs)) == len(outs), outs
+    assert outs[0] == os.path.join('runs', 'vpt-cub-in21k-base_patch16-val-seed0')
+    assert outs[1] == os.path.join('runs', 'vpt-cub-in21k-base_patch16-test-seed0')
+    assert outs[13] == os.path.join('runs', 'vpt-cub-in21k-base_patch16-test-seed0-lr0.1')
+    assert outs[3].endswith('vpt-cub-in21k-small_patch16-val-seed0') and outs[7].endswith('-depth_shallow')
+    # what does not change the result does not change the name; an explicit --out wins
+    for same in (['--workers', '2'], ['--log-interval', '5'], ['--device', 'cpu']):
+        assert train.parse_args(base + same)[0]['out'] == outs[0]
+    assert train.parse_args(base + ['--out', 'x'])[0]['out'] == 'x'
+    sa2vp = train.parse_args(['--method', 'sa2vp', '--data', 'cub', '--no-sa2vp-dropout'])[0]['out']
+    assert sa2vp.endswith('-no_sa2vp_dropout')
+
+
+def cli_error(monkeypatch, capsys, main, args):
+    """Run main through train.cli as the command line would; returns (exit status, stderr)."""
+    monkeypatch.setattr(sys, 'argv', ['train.py', *map(str, args)])
+    with pytest.raises(SystemExit) as info:
+        train.cli(main)
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and 'Traceback' not in err, err
+    return info.value.code, err
+
+
+def write_vtab_dtd(root, n=8, label=lambda i: i % 47):
+    """<root>/vtab-1k/dtd with train800 and val200 of n 16-px images each; returns the task folder."""
+    folder = root / 'vtab-1k' / 'dtd'
+    for split in ('train800', 'val200'):
+        lines = []
+        for i in range(n):
+            rel = f'images/{split}/{i:06d}.jpg'
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy()).save(folder / rel)
+            lines.append(f'{rel} {label(i)}\n')
+        (folder / f'{split}.txt').write_text(''.join(lines))
+    return folder
+
+
+def test_every_anticipated_failure_is_one_error_line(tmp_path, monkeypatch, capsys):
+    run = ['--method', 'linear', '--arch', 'vit_nano_patch8', '--pretrain', 'none', '--img-size', '16',
+           '--epochs', '1', '--warmup-epochs', '0', '--batch-size', '4', '--log-interval', '0', '--out', tmp_path / 'run']
+    vtab = run + ['--data', 'vtab-dtd', '--data-root', tmp_path / 'data', '--workers', '0']
+    # the data: a missing root, a missing split file, a bad label, a missing / unreadable image in a loader worker
+    code, err = cli_error(monkeypatch, capsys, train.main, vtab)
+    assert code == 1 and err.startswith(f"error: --data vtab-dtd: dataset folder for 'vtab-dtd' not found: neither "
+                                        f"{tmp_path / 'data' / 'vtab-1k' / 'dtd'} exists") and '--data-root' in err
+    folder = write_vtab_dtd(tmp_path / 'data')
+    (folder / 'val200.txt').unlink()
+    _, err = cli_error(monkeypatch, capsys, train.main, vtab)
+    assert err.startswith(f"error: --data vtab-dtd: missing split file {folder / 'val200.txt'}")
+    folder = write_vtab_dtd(tmp_path / 'data', label=lambda i: 99 if i == 3 else 0)
+    _, err = cli_error(monkeypatch, capsys, train.main, vtab)
+    assert err == f"error: --data vtab-dtd: {folder / 'train800.txt'}:4: label 99 out of range 0..46 (vtab-dtd has " \
+                  f"47 classes)\n"
+    folder = write_vtab_dtd(tmp_path / 'data')
+    workers = [a if a != '0' or vtab[i - 1] != '--workers' else '2' for i, a in enumerate(vtab)]
+    (folder / 'images' / 'train800' / '000005.jpg').unlink()
+    _, err = cli_error(monkeypatch, capsys, train.main, workers)
+    assert err == f"error: image file not found: {folder / 'images/train800/000005.jpg'} (`python data.py --check " \
+                  f"NAME` lists every missing file)\n"
+    (folder / 'images' / 'train800' / '000005.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
+    _, err = cli_error(monkeypatch, capsys, train.main, workers + ['--overwrite'])
+    assert err.startswith(f"error: cannot read image {folder / 'images/train800/000005.jpg'}: ") and \
+        err.count('\n') == 1 and 'worker process' not in err
+    # flag values
+    digits = run + ['--data', 'digits', '--workers', '0', '--overwrite']
+    for extra, message in [(['--lr', '-0.1'], 'error: --lr -0.1 must be positive\n'),
+                           (['--accum', '3'], 'error: --batch-size 4 must be divisible by processes x --accum = '
+                                              '1 x 3\n'),
+                           (['--img-size', '20'], "error: --img-size 20 is not a multiple of vit_nano_patch8's patch "
+                                                  "size 8; pass e.g. --img-size 16\n"),
+                           (['--epochs', '0'], 'error: --epochs 0 must be at least 1\n'),
+                           (['--device', 'gpu'], "error: --device 'gpu': expected auto, cpu, cuda or cuda:N\n"),
+                           (['--weights', tmp_path / 'w.pth'], 'error: --pretrain none means a random backbone, but '
+                                                               'a weights file was given')]:
+        _, err = cli_error(monkeypatch, capsys, train.main, digits + extra)
+        assert err.startswith(message), err
+    # eval.py: not a run directory
+    code, err = cli_error(monkeypatch, capsys, eval_py.main, ['--run', tmp_path / 'nowhere'])
+    assert code == 1 and err == f"error: {tmp_path / 'nowhere'} holds no last.pt: not a train.py run directory " \
+                                f"(pass --run DIR)\n"
+
+
+def test_data_is_checked_before_the_weights(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(models, 'hub_weights', lambda arch, tag: asked.append(tag) or 1 / 0)
+    with pytest.raises(RunError, match=r"--data cub: dataset folder for 'cub' not found"):
+        train.main(['--method', 'lspt', '--pretrain', 'mae', '--data', 'cub', '--data-root', str(tmp_path),
+                    '--out', str(tmp_path / 'run')])
+    assert asked == []  # the hub was never asked
+
+
+def test_device_flag(tmp_path):
+    assert train.resolve_device('auto') == torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    assert train.resolve_device('cpu') == torch.device('cpu')
+    for bad in ('gpu', 'cuda:x', 'mps'):
+        with pytest.raises(RunError, match=f"--device '{bad}': expected auto, cpu, cuda or cuda:N"):
+            train.resolve_device(bad)
+    if not torch.cuda.is_available():
+        for name in ('cuda', 'cuda:1'):
+            with pytest.raises(RunError, match=f'--device {name}: torch sees no CUDA device .*--device cpu'):
+                train.main(TINY + ['--method', 'vpt', '--device', name, '--out', str(tmp_path)])
+        with pytest.raises(RunError, match='--device cuda: torch sees no CUDA device'):
+            eval_py.main(['--run', str(tmp_path), '--device', 'cuda'])
+    result = train.main(TINY + ['--method', 'linear', '--device', 'cpu', '--epochs', '1', '--max-steps-per-epoch', '1',
+                                '--batch-size', '16', '--out', str(tmp_path / 'cpu')])
+    assert result['config']['device'] == 'cpu' and result['device'].startswith('cpu')
+
+
+def test_warmup_warning_and_first_progress_line(tmp_path, capsys):
+    args = TINY[:-2] + ['--method', 'vpt', '--prompts', '4', '--batch-size', '16', '--max-steps-per-epoch', '7',
+                        '--log-interval', '5']
+    train.main(args + ['--epochs', '2', '--warmup-epochs', '3', '--out', str(tmp_path / 'a')])
+    captured = capsys.readouterr()
+    # 14 steps, all in the warmup of 21: the last step's lr is 0.25 * 13 / 21
+    assert (f"warning: --warmup-epochs 3 is not shorter than --epochs 2: the lr rises linearly for the whole run to "
+            f"{0.25 * 13 / 21:.3g} and never reaches the peak 0.25") in captured.err
+    progress = [ln for ln in captured.out.splitlines() if re.match(r'epoch \d+/2 step', ln)]
+    # after the first step, then every 5 global steps, and at the end of each epoch
+    assert [ln.split(' |')[0] for ln in progress] == ['epoch 1/2 step 1/7', 'epoch 1/2 step 5/7', 'epoch 1/2 step 7/7',
+                                                      'epoch 2/2 step 3/7', 'epoch 2/2 step 7/7']
+    assert re.search(r'\| \d+\.\d{3} s/step, \d+ img/s \| .* \| eta \d\d:\d\d:\d\d$', progress[0]), progress[0]
+    train.main(args + ['--epochs', '2', '--warmup-epochs', '1', '--out', str(tmp_path / 'b')])
+    assert 'warning' not in capsys.readouterr().err
+    assert train.duration(3 * 86400 + 3661) == '3d 01:01:01' and train.duration(59) == '00:00:59'
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
+    out = tmp_path / 'run'
+    args = TINY[:-2] + ['--method', 'vpt', '--prompts', '4', '--epochs', '1000', '--max-steps-per-epoch', '2',
+                        '--batch-size', '16', '--eval-every', '1000', '--log-interval', '1', '--out', str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # wait until epoch 3 trains: epochs 1 and 2 have checkpoints
+            if line.startswith('epoch 3/1000 step'):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and 'Traceback' not in err and 'KeyboardInterrupt' not in err, err
+    found = re.fullmatch(r'error: interrupted during epoch (\d+); the last checkpoint is after epoch (\d+); continue '
+                         r'with `--resume --out (.+)`\n', err)
+    assert found and found.group(3) == str(out), err
+    during, saved = int(found.group(1)), int(found.group(2))
+    assert during == saved + 1 and saved >= 2
+    assert torch.load(out / 'last.pt', weights_only=True)['epoch'] == saved
+    assert train.main(['--resume', '--out', str(out), '--stop-after-epoch', str(saved + 1)]) is None  # it continues
+    assert torch.load(out / 'last.pt', weights_only=True)['epoch'] == saved + 1

@@ -14,10 +14,16 @@ Recipes from the official code: KMnP/vpt (VPT, linear, full: src/solver, configs
 Self-Prompt-Tuning (SPT), ryongithub/GatedPromptTuning (GaPT: LSPT publishes no recipe, so it takes GaPT's
 run.sh), tommy-xq/SA2VP. Style: karpathy/nanoGPT's train.py.
 
-Outputs in --out (default runs/<method>-<data>-<pretrain>-seed<seed>):
-    metrics.jsonl  one JSON object per epoch (epoch, train_loss, eval_accuracy, lr, images_per_s, peak_mem_mb, time)
-    result.json    method, data, eval_split, accuracy (final epoch, %), tuned_params, total_params, epochs, config
+Outputs in --out (default runs/<method>-<data>-<pretrain>-<arch>-<eval split>-seed<seed>[-<flag><value>...],
+one -<flag><value> for every recipe, method or size flag given, e.g. runs/vpt-cub-in21k-base_patch16-test-seed0-lr0.1):
+    metrics.jsonl  one JSON object per epoch (epoch, train_loss, accuracy, eval_split, lr, images_per_s, peak_mem_mb,
+                   time)
+    result.json    method, data, eval_split, accuracy (final epoch, %), tuned_params, total_params, epochs, arch,
+                   pretrain, seed, wall_time_s, device, torch/timm/python versions, git_commit, config
     last.pt        tuned tensors only, optimizer, scaler, step, epoch, RNG states, args, backbone identity
+
+Every anticipated failure (a missing dataset or weights file, a bad flag value, an unreadable image, Ctrl-C) ends
+with one line `error: ...` naming the path or flag and what to do, and exit status 1 (130 for Ctrl-C).
 
 Testing aids: --max-steps-per-epoch N, --stop-after-epoch E (behaves like a kill after epoch E), and the
 environment variable VPT_FORCE_NAN_STEP=k, which multiplies the loss of global step k (0-based) by NaN.
@@ -27,7 +33,10 @@ import argparse
 import json
 import math
 import os
+import platform
 import random
+import re
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -51,14 +60,21 @@ import models
 RECIPES = {m: cls.recipe for m, cls in methods.METHODS.items()}
 MOMENTUM = 0.9  # SGD momentum in every SGD recipe
 # every method's build_model options (its __init__ keywords): the flags of the 'method options' group, _ for -
-MODEL_OPTIONS = sorted({k for cls in methods.METHODS.values() for k in methods.init_options(cls)})
+MODEL_OPTIONS = tuple(sorted({k for cls in methods.METHODS.values() for k in methods.init_options(cls)}))
 # what --resume may change; every other explicitly given flag must equal the checkpoint's value
 RESUME_OVERRIDES = {'resume', 'overwrite', 'out', 'workers', 'data_root', 'weights', 'log_interval',
-                    'stop_after_epoch', 'compile'}
+                    'stop_after_epoch', 'compile', 'device'}
+# flags that change the result and are spelled out in the default --out when given, in this order
+NAMED_FLAGS = ('img_size', 'mean', 'std', 'epochs', 'batch_size', 'lr', 'wd', 'wd_head', 'optimizer', 'momentum',
+               'warmup_epochs', 'min_lr') + MODEL_OPTIONS + ('max_steps_per_epoch',)
 
 
 class RunError(RuntimeError):
     """A run that cannot start or must stop; the CLI prints the message and exits with status 1."""
+
+
+class Interrupted(RunError):
+    """Ctrl-C: the CLI prints the message and exits with status 130, as a shell does for SIGINT."""
 
 
 def recipe(key):
@@ -121,6 +137,8 @@ def build_parser():
                    help="sa2vp: turn off the official dropout 0.1 in the frozen backbone and cross blocks")
     g = p.add_argument_group('system')
     g.add_argument('--seed', type=int, default=0, help="(default: %(default)s)")
+    g.add_argument('--device', default='auto', help="auto (cuda when available, else cpu), cpu, cuda or cuda:N; "
+                   "under torchrun each process takes cuda:LOCAL_RANK (default: %(default)s)")
     g.add_argument('--amp', choices=['auto', 'none', 'bf16', 'fp16'], default='auto', help="auto: bf16 on CUDA, "
                    "fp32 on CPU; fp16 uses a GradScaler (default: %(default)s)")
     g.add_argument('--compile', action='store_true', help="torch.compile the training step")
@@ -131,7 +149,8 @@ def build_parser():
     g.add_argument('--eval-every', type=int, default=1, help="evaluate every N epochs; the last epoch always "
                    "(default: %(default)s)")
     g.add_argument('--log-interval', type=int, default=20, help="steps between progress lines (default: %(default)s)")
-    g.add_argument('--out', default=None, help="run directory (default: runs/<method>-<data>-<pretrain>-seed<seed>)")
+    g.add_argument('--out', default=None, help="run directory (default: runs/<method>-<data>-<pretrain>-<arch>-"
+                   "<eval split>-seed<seed>, then -<flag><value> for each recipe, method or size flag given)")
     g.add_argument('--resume', action='store_true', help="continue from --out/last.pt with its recorded configuration")
     g.add_argument('--overwrite', action='store_true', help="start afresh in a directory that holds a run")
     g = p.add_argument_group('testing aids')
@@ -142,8 +161,53 @@ def build_parser():
     return p
 
 
-def default_out(args):
-    return os.path.join('runs', f'{args.method}-{args.data}-{args.pretrain}-seed{args.seed}')
+def default_out(cfg, explicit):
+    """runs/<method>-<data>-<pretrain>-<arch>-<eval split>-seed<seed>, then one -<flag><value> per explicitly given
+    flag of NAMED_FLAGS (numbers as lr0.1, words as depth_shallow, --no-sa2vp-dropout as no_sa2vp_dropout), so
+    that runs that differ in anything that changes their result never share a directory."""
+    arch = cfg['arch'].removeprefix('vit_').removesuffix('_224')
+    parts = [cfg['method'], cfg['data'], cfg['pretrain'], arch, cfg['eval_split'], f"seed{cfg['seed']}"]
+    for k in NAMED_FLAGS:
+        v = cfg[k]
+        if k not in explicit or v is None:
+            continue
+        if isinstance(v, bool):
+            parts.append(k if v else f'no_{k}')
+        elif isinstance(v, str):
+            parts.append(f'{k}_{v}')
+        else:
+            parts.append(k + ','.join(format(x, 'g') for x in (v if isinstance(v, list) else [v])))
+    return os.path.join('runs', '-'.join(parts))
+
+
+# (flag, test, what it must be): checked before anything is built
+VALID = [
+    ('epochs', lambda v: v >= 1, 'at least 1'), ('batch_size', lambda v: v >= 1, 'at least 1'),
+    ('lr', lambda v: v > 0, 'positive'), ('wd', lambda v: v >= 0, '0 or more'), ('wd_head', lambda v: v >= 0, '0 or more'),
+    ('momentum', lambda v: 0 <= v < 1, 'in [0, 1)'), ('warmup_epochs', lambda v: v >= 0, '0 or more'),
+    ('min_lr', lambda v: v >= 0, '0 or more'), ('img_size', lambda v: v >= 1, 'at least 1'),
+    ('accum', lambda v: v >= 1, 'at least 1'), ('workers', lambda v: v >= 0, '0 or more'),
+    ('eval_every', lambda v: v >= 1, 'at least 1'), ('log_interval', lambda v: v >= 0, '0 (off) or more'),
+    ('max_steps_per_epoch', lambda v: v >= 1, 'at least 1'), ('stop_after_epoch', lambda v: v >= 1, 'at least 1'),
+    ('prompts', lambda v: v >= 1, 'at least 1'), ('prompt_dropout', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('spt_kmeans_tokens', lambda v: v >= 1, 'at least 1'), ('sa2vp_dim', lambda v: v >= 1, 'at least 1'),
+    ('sa2vp_gamma', lambda v: v >= 0, '0 or more'), ('sa2vp_lambda', lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    ('sa2vp_window', lambda v: v >= 1, 'at least 1'),
+]
+
+
+def check_values(cfg):
+    """A RunError naming the first flag whose value cannot work (a negative lr, a patch size that does not
+    divide --img-size, ...)."""
+    for k, ok, what in VALID:
+        if cfg.get(k) is not None and not ok(cfg[k]):
+            raise RunError(f"--{k.replace('_', '-')} {cfg[k]:g} must be {what}")
+    if cfg['min_lr'] is not None and cfg['lr'] is not None and cfg['min_lr'] > cfg['lr']:
+        raise RunError(f"--min-lr {cfg['min_lr']:g} is above --lr {cfg['lr']:g}: the cosine would rise")
+    patch = models.ARCHS[cfg['arch']]['patch_size']
+    if cfg['img_size'] % patch:
+        raise RunError(f"--img-size {cfg['img_size']} is not a multiple of {cfg['arch']}'s patch size {patch}; "
+                       f"pass e.g. --img-size {max(patch, cfg['img_size'] // patch * patch)}")
 
 
 def parse_args(argv=None):
@@ -174,7 +238,8 @@ def parse_args(argv=None):
         for k, v in {**cls.recipe, **cls.data_defaults(args.data)}.items():
             if cfg[k] is None:
                 cfg[k] = v
-        cfg['out'] = cfg['out'] or default_out(args)
+        cfg['out'] = cfg['out'] or default_out(cfg, explicit)
+        check_values(cfg)
     if cfg['weights'] is not None:
         cfg['weights'] = os.path.abspath(cfg['weights'])
     return cfg, explicit
@@ -198,7 +263,7 @@ def build(cfg, device, weights=None):
     try:
         backbone = models.create_backbone(cfg['arch'], cfg['pretrain'], weights or cfg['weights'], cfg['img_size'])
     except models.CheckpointError as e:
-        raise RunError(str(e)) from None
+        raise RunError(str(e).replace("pretrain='none'", "--pretrain none")) from None
     cfg['mean'] = list(cfg['mean'] or backbone.mean)
     cfg['std'] = list(cfg['std'] or backbone.std)
     train_split, _ = data.split_names(cfg['data'], cfg['eval_split'])
@@ -351,11 +416,35 @@ class LossModule(nn.Module):
 # the run
 
 
-def setup_distributed():
-    """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: nccl on GPU, gloo on CPU."""
+def resolve_device(name):
+    """--device auto|cpu|cuda|cuda:N -> torch.device (auto: cuda when available). Asking for CUDA where there is
+    none is a RunError, never a silent fallback to the CPU."""
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', name):
+        raise RunError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name == 'cpu':
+        return torch.device('cpu')
+    if not torch.cuda.is_available():
+        raise RunError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, built for CUDA "
+                       f"{torch.version.cuda or 'none'}); pass --device cpu, or install the torch build for this "
+                       f"machine's CUDA version (README: 'On a GPU box')")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise RunError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                       f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def setup_distributed(name='auto'):
+    """(rank, world size, device) for --device `name`. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: nccl on GPU
+    (each process on cuda:LOCAL_RANK), gloo on CPU."""
+    device = resolve_device(name)
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
-        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if torch.cuda.is_available():
+        return 0, 1, device
+    if device.type == 'cuda':
+        if device.index is not None:
+            raise RunError(f"--device {name} under torchrun: each process takes cuda:LOCAL_RANK; pass --device cuda")
         local = int(os.environ.get('LOCAL_RANK', 0))
         torch.cuda.set_device(local)
         dist.init_process_group('nccl')
@@ -364,19 +453,63 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device('cpu')
 
 
+def interrupted(out):
+    """The message for Ctrl-C: which checkpoint --resume would continue from."""
+    path = os.path.join(out, 'last.pt')
+    try:
+        epoch = torch.load(path, map_location='cpu', weights_only=True, mmap=True)['epoch']
+    except Exception:  # no checkpoint (or none readable): nothing to continue
+        return f"interrupted before the first checkpoint; nothing to resume in {out}"
+    return (f"interrupted during epoch {epoch + 1}; the last checkpoint is after epoch {epoch}; "
+            f"continue with `--resume --out {out}`")
+
+
+def environment(device):
+    """What ran the code: the device's name, the torch / timm / Python versions and the git commit (None outside
+    a git checkout; '-dirty' when tracked files differ from it)."""
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        if os.path.exists('/proc/cpuinfo'):
+            with open('/proc/cpuinfo') as f:
+                name = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), name)
+        name = f"cpu ({name}, {os.cpu_count()} cores)"
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = lambda *a: subprocess.run(['git', *a], cwd=here, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        commit = git('rev-parse', 'HEAD') + ('-dirty' if git('status', '--porcelain', '--untracked-files=no') else '')
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return dict(device=name, torch=torch.__version__, timm=__import__('timm').__version__,
+                python=platform.python_version(), git_commit=commit)
+
+
+def duration(seconds):
+    """'3d 04:05:06' / '04:05:06'."""
+    days, rest = divmod(int(seconds), 86400)
+    return (f'{days}d ' if days else '') + time.strftime('%H:%M:%S', time.gmtime(rest))
+
+
 def main(argv=None):
     """Run training; returns the result dict (None when stopped by --stop-after-epoch)."""
-    rank, world, device = setup_distributed()
+    cfg, explicit = parse_args(argv)
+    rank, world, device = setup_distributed(cfg['device'])
     try:
-        return run(argv, rank, world, device)
+        return run(cfg, explicit, rank, world, device)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted(cfg['out'])) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run(argv, rank, world, device):
-    cfg, explicit = parse_args(argv)
+def run(cfg, explicit, rank, world, device):
+    """One training run from a parsed configuration (parse_args); main() sets up the processes and devices."""
+    t_run = time.time()
     log = print if rank == 0 else (lambda *a, **k: None)
+    warn = (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
 
     # ---- the run directory: a fresh start, an overwrite, or a resume
     out = cfg['out']
@@ -402,7 +535,8 @@ def run(argv, rank, world, device):
     elif os.path.exists(result_path) or os.path.exists(ckpt_path):
         what = 'a finished run (result.json)' if os.path.exists(result_path) else 'an unfinished run (last.pt)'
         if not cfg['overwrite']:
-            raise RunError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to start afresh")
+            raise RunError(f"{out} already holds {what}; pass --resume to continue it, --overwrite to start afresh, "
+                           f"or --out DIR to put this run elsewhere")
         if rank == 0:
             for path in (ckpt_path, result_path):
                 if os.path.exists(path):
@@ -412,20 +546,28 @@ def run(argv, rank, world, device):
                        f"= {world} x {cfg['accum']}")
     micro = cfg['batch_size'] // (world * cfg['accum'])  # per-process micro-batch
 
+    # ---- data first: its split files are read in a moment, where the weights may take minutes to resolve
+    mean, std = models.PRETRAIN[cfg['pretrain']][1]  # the backbone's normalisation, unless given
+    cfg['mean'], cfg['std'] = list(cfg['mean'] or mean), list(cfg['std'] or std)
+    train_split, eval_split = data.split_names(cfg['data'], cfg['eval_split'])
+    ds_kw = dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'])
+    try:
+        train_ds = data.build_dataset(cfg['data'], train_split, train=True, **ds_kw)
+        eval_ds = data.build_dataset(cfg['data'], eval_split, train=False, **ds_kw)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunError(f"--data {cfg['data']}: {e}") from None
+    if cfg.setdefault('num_classes', train_ds.num_classes) != train_ds.num_classes:
+        raise RunError(f"cannot resume: {train_split} of {cfg['data']} now holds {train_ds.num_classes} classes, "
+                       f"the checkpoint's head has {cfg['num_classes']} ({ckpt_path})")
+
     # ---- model (every rank seeded identically, so parameters start equal; DDP broadcasts them anyway)
     model, num_classes = build(cfg, device)
     identity = model.backbone.identity
-    if ckpt is not None and identity != ckpt['identity']:
+    if ckpt is not None and not models.same_backbone(model.backbone, ckpt['identity']):
         raise RunError(f"cannot resume: the backbone is {identity}, but the checkpoint was trained on "
                        f"{ckpt['identity']} ({ckpt_path})")
     tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-
-    # ---- data
-    train_split, eval_split = data.split_names(cfg['data'], cfg['eval_split'])
-    ds_kw = dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'])
-    train_ds = data.build_dataset(cfg['data'], train_split, train=True, **ds_kw)
-    eval_ds = data.build_dataset(cfg['data'], eval_split, train=False, **ds_kw)
     distributed = world > 1
     train_loader = data.build_loader(train_ds, micro, train=True, workers=cfg['workers'], distributed=distributed,
                                      seed=cfg['seed'])
@@ -435,12 +577,17 @@ def run(argv, rank, world, device):
         steps_per_epoch = min(steps_per_epoch, cfg['max_steps_per_epoch'])
     total_steps = cfg['epochs'] * steps_per_epoch
     warmup_steps = round(cfg['warmup_epochs'] * steps_per_epoch)
+    if warmup_steps >= total_steps:
+        warn(f"--warmup-epochs {cfg['warmup_epochs']:g} is not shorter than --epochs {cfg['epochs']}: the lr rises "
+             f"linearly for the whole run to {lr_at(total_steps - 1, total_steps, warmup_steps, cfg['lr'], 0):.3g} "
+             f"and never reaches the peak {cfg['lr']:g} or the cosine; pass --warmup-epochs below {cfg['epochs']}")
 
     # ---- optimizer, AMP, and the starting point
     opt = make_optimizer(model, cfg)
     dtype = amp_dtype(cfg['amp'], device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, step = 0, 0
+    wall_before = ckpt.get('wall_time_s', 0.0) if ckpt is not None else 0.0  # earlier segments of a resumed run
     if ckpt is not None:
         load_tuned(model, ckpt['model'], ckpt_path)
         opt.load_state_dict(ckpt['optimizer'])
@@ -531,20 +678,20 @@ def run(argv, rank, world, device):
             opt.zero_grad(set_to_none=True)
             step += 1
             loss_sum += step_loss
-            if rank == 0 and cfg['log_interval'] and (step % cfg['log_interval'] == 0 or s == steps_per_epoch - 1):
-                dt = time.time() - t_start
-                eta = dt / (step - step_start) * (total_steps - step)
+            if rank == 0 and cfg['log_interval'] and (step - step_start == 1 or step % cfg['log_interval'] == 0
+                                                      or s == steps_per_epoch - 1):  # after the first step, then every N
+                per_step = (time.time() - t_start) / (step - step_start)
                 log(f"epoch {epoch + 1}/{cfg['epochs']} step {s + 1}/{steps_per_epoch} | loss {step_loss:.4f} | "
-                    f"lr {lr:.3e} | {images / (time.time() - t_epoch):.0f} img/s | peak {peak_memory_mb(device):.0f} MB"
-                    f" | eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+                    f"lr {lr:.3e} | {per_step:.3f} s/step, {images / (time.time() - t_epoch):.0f} img/s | peak "
+                    f"{peak_memory_mb(device):.0f} MB | eta {duration(per_step * (total_steps - step))}", flush=True)
         train_time = time.time() - t_epoch
         final = epoch + 1 == cfg['epochs']
         if final or (epoch + 1) % cfg['eval_every'] == 0:
             acc = evaluate(model, eval_loader, device, dtype)
         else:
             acc = None
-        row = dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch, eval_accuracy=acc, lr=lr,
-                   images_per_s=images / train_time, peak_mem_mb=peak_memory_mb(device), time=time.time() - t_epoch)
+        row = dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch, accuracy=acc, eval_split=cfg['eval_split'],
+                   lr=lr, images_per_s=images / train_time, peak_mem_mb=peak_memory_mb(device), time=time.time() - t_epoch)
         log(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, {eval_split} accuracy "
             f"{'-' if acc is None else format(acc, '.2f')}%, {row['time']:.1f}s", flush=True)
         states = [rng_state()]
@@ -556,7 +703,8 @@ def run(argv, rank, world, device):
                 f.write(json.dumps(row) + '\n')
             atomic_save(dict(model=methods.tuned_state_dict(model), optimizer=opt.state_dict(),
                              scaler=scaler.state_dict(), step=step, epoch=epoch + 1, rng=states, args=cfg,
-                             identity=identity, method=cfg['method']), ckpt_path)
+                             identity=identity, method=cfg['method'], wall_time_s=wall_before + time.time() - t_run),
+                        ckpt_path)
         if cfg['stop_after_epoch'] is not None and epoch + 1 == cfg['stop_after_epoch'] and not final:
             log(f"stopping after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
             return None
@@ -564,7 +712,9 @@ def run(argv, rank, world, device):
     if acc is None:  # resumed after the last epoch's checkpoint, but result.json was never written
         acc = evaluate(model, eval_loader, device, dtype)
     result = dict(method=cfg['method'], data=cfg['data'], eval_split=cfg['eval_split'], accuracy=acc,
-                  tuned_params=tuned, total_params=total, epochs=cfg['epochs'], backbone_identity=identity, config=cfg)
+                  tuned_params=tuned, total_params=total, epochs=cfg['epochs'], arch=cfg['arch'],
+                  pretrain=cfg['pretrain'], seed=cfg['seed'], backbone_identity=identity,
+                  wall_time_s=wall_before + time.time() - t_run, **environment(device), config=cfg)
     if rank == 0:
         atomic_json(result, result_path)
     log(f"final {eval_split} accuracy {acc:.2f}% ({cfg['method']}, {cfg['data']}); wrote {out}")
@@ -572,12 +722,16 @@ def run(argv, rank, world, device):
 
 
 def cli(main_fn):
-    """Run main_fn on the command line; a RunError prints `error: ...` and exits with status 1."""
+    """Run main_fn on the command line. An anticipated failure (RunError, an unreadable image, Ctrl-C) prints one
+    `error: ...` line, no traceback, and exits with status 1 (130 for Ctrl-C)."""
     try:
         main_fn(sys.argv[1:])
-    except RunError as e:
+    except (RunError, data.ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(130 if isinstance(e, Interrupted) else 1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == '__main__':
