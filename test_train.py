@@ -201,6 +201,23 @@ def test_bf16_autocast_on_cpu(tmp_path, method):
     assert all(torch.isfinite(torch.tensor(r['train_loss'])) for r in read_metrics(tmp_path))
 
 
+def test_grad_checkpointing_flag_trains_the_same(tmp_path, monkeypatch):
+    # SA²VP with its backbone dropout on: the recomputation must draw the same masks, so the run is unchanged
+    args = TINY + ['--method', 'sa2vp', '--epochs', '1', '--max-steps-per-epoch', '2', '--batch-size', '16',
+                   '--warmup-epochs', '0']
+    plain = train.main(args + ['--out', str(tmp_path / 'plain')])
+    calls = []
+    real = methods.checkpoint
+    monkeypatch.setattr(methods, 'checkpoint', lambda *a, **k: calls.append(1) or real(*a, **k))
+    ckpt = train.main(args + ['--grad-checkpointing', '--out', str(tmp_path / 'ckpt')])
+    assert len(calls) == 2 * 2   # 2 layers of vit_nano x 2 steps; none in evaluation
+    assert ckpt['config']['grad_checkpointing'] and not plain['config']['grad_checkpointing']
+    assert read_metrics(tmp_path / 'ckpt')[0]['train_loss'] == read_metrics(tmp_path / 'plain')[0]['train_loss']
+    assert ckpt['accuracy'] == plain['accuracy']
+    a, b = (torch.load(tmp_path / d / 'last.pt', weights_only=True)['model'] for d in ('plain', 'ckpt'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # -----------------------------------------------------------------------------
 # accuracy on digits with a random tiny backbone
 

@@ -68,7 +68,7 @@ MODEL_OPTIONS = ('prompts', 'depth', 'prompt_dropout', 'readout', 'spt_init', 's
                  'lspt_lpc', 'sa2vp_dim', 'sa2vp_gamma', 'sa2vp_lambda', 'sa2vp_window', 'sa2vp_dropout')
 # what --resume may change; every other explicitly given flag must equal the checkpoint's value
 RESUME_OVERRIDES = {'resume', 'overwrite', 'out', 'workers', 'data_root', 'weights', 'log_interval',
-                    'stop_after_epoch', 'compile'}
+                    'stop_after_epoch', 'compile', 'grad_checkpointing'}
 
 
 class RunError(RuntimeError):
@@ -138,6 +138,9 @@ def build_parser():
     g.add_argument('--amp', choices=['auto', 'none', 'bf16', 'fp16'], default='auto', help="auto: bf16 on CUDA, "
                    "fp32 on CPU; fp16 uses a GradScaler (default: %(default)s)")
     g.add_argument('--compile', action='store_true', help="torch.compile the training step")
+    g.add_argument('--grad-checkpointing', action='store_true', help="recompute the backbone blocks in backward "
+                   "instead of storing their activations (less memory, ~1/3 more compute; same gradients); for "
+                   "ViT-L/H or large batches")
     g.add_argument('--accum', type=int, default=1, help="gradient accumulation: each process runs batch-size / "
                    "(processes x accum) images per micro-step, one optimizer step per accum micro-steps "
                    "(default: %(default)s)")
@@ -437,6 +440,7 @@ def run(argv, rank, world, device):
 
     # ---- model (every rank seeded identically, so parameters start equal; DDP broadcasts them anyway)
     model, num_classes = build(cfg, device)
+    model.set_grad_checkpointing(cfg.get('grad_checkpointing', False))  # absent in older checkpoints
     identity = model.backbone.identity
     if ckpt is not None and identity != ckpt['identity']:
         raise RunError(f"cannot resume: the backbone is {identity}, but the checkpoint was trained on "
