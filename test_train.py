@@ -218,6 +218,40 @@ def test_grad_checkpointing_flag_trains_the_same(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def tiny_cub(root):
+    """<root>/CUB_200_2011 with 12 train / 6 val JPEGs of 3 classes and two aspect ratios."""
+    folder = root / 'CUB_200_2011'
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('train', 12), ('val', 6)):
+        entries = {}
+        for k in range(n):
+            rel = f'{k % 3:03d}.bird/{split}_{k}.jpg'
+            (folder / 'images' / rel).parent.mkdir(parents=True, exist_ok=True)
+            size = (30, 40) if k % 2 else (40, 30)   # (h, w): portrait and landscape
+            img = torch.randint(0, 256, (*size, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(img).save(folder / 'images' / rel)
+            entries[rel] = k % 3 + 1
+        (folder / f'{split}.json').write_text(json.dumps(entries))
+    return root
+
+
+def test_decoded_cache_trains_bit_identically(tmp_path, monkeypatch):
+    # the same RNG draws in the same order (crops, flips, then prompt dropout): the same run, to the bit
+    monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')
+    args = ['--arch', 'vit_nano_patch8', '--pretrain', 'none', '--data', 'cub', '--data-root', str(tiny_cub(tmp_path)),
+            '--img-size', '16', '--workers', '0', '--log-interval', '0', '--method', 'vpt', '--prompts', '2',
+            '--epochs', '2', '--batch-size', '4', '--warmup-epochs', '0']
+    plain = train.main(args + ['--out', str(tmp_path / 'plain')])
+    cached = train.main(args + ['--decoded-cache', '--out', str(tmp_path / 'cached')])
+    assert cached['config']['decoded_cache'] and not plain['config']['decoded_cache']
+    strip = lambda rows: [(r['train_loss'], r['eval_accuracy']) for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / 'cached')) == strip(read_metrics(tmp_path / 'plain'))
+    a, b = (torch.load(tmp_path / d / 'last.pt', weights_only=True)['model'] for d in ('plain', 'cached'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RunError, match='--decoded-cache'):
+        train.main(TINY + ['--method', 'vpt', '--decoded-cache', '--out', str(tmp_path / 'digits')])
+
+
 # -----------------------------------------------------------------------------
 # accuracy on digits with a random tiny backbone
 

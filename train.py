@@ -68,7 +68,8 @@ MODEL_OPTIONS = ('prompts', 'depth', 'prompt_dropout', 'readout', 'spt_init', 's
                  'lspt_lpc', 'sa2vp_dim', 'sa2vp_gamma', 'sa2vp_lambda', 'sa2vp_window', 'sa2vp_dropout')
 # what --resume may change; every other explicitly given flag must equal the checkpoint's value
 RESUME_OVERRIDES = {'resume', 'overwrite', 'out', 'workers', 'data_root', 'weights', 'log_interval',
-                    'stop_after_epoch', 'compile', 'grad_checkpointing'}
+                    'stop_after_epoch', 'compile', 'grad_checkpointing',
+                    'decoded_cache'}
 
 
 class RunError(RuntimeError):
@@ -145,6 +146,9 @@ def build_parser():
                    "(processes x accum) images per micro-step, one optimizer step per accum micro-steps "
                    "(default: %(default)s)")
     g.add_argument('--workers', type=int, default=4, help="data loader workers per process (default: %(default)s)")
+    g.add_argument('--decoded-cache', action='store_true', help="FGVC / VTAB: decode and resize every image once "
+                   "(with --workers processes) and keep it in memory as uint8; crop offsets and flips are drawn as "
+                   "torchvision does, flip and normalisation run on the device (for GPUs that outrun JPEG decoding)")
     g.add_argument('--eval-every', type=int, default=1, help="evaluate every N epochs; the last epoch always "
                    "(default: %(default)s)")
     g.add_argument('--log-interval', type=int, default=20, help="steps between progress lines (default: %(default)s)")
@@ -271,7 +275,7 @@ def evaluate(model, loader, device, dtype):
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = data.to_device(x, device, loader.dataset), y.to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(x)                                   # (B, C)
         counts[0] += (logits.argmax(-1) == y).sum()
@@ -453,10 +457,21 @@ def run(argv, rank, world, device):
     ds_kw = dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'])
     train_ds = data.build_dataset(cfg['data'], train_split, train=True, **ds_kw)
     eval_ds = data.build_dataset(cfg['data'], eval_split, train=False, **ds_kw)
+    workers = cfg['workers']
+    if cfg.get('decoded_cache'):  # absent in older checkpoints
+        if cfg['data'] not in data.FGVC and not cfg['data'].startswith('vtab-'):
+            raise RunError(f"--decoded-cache is for FGVC and VTAB image files; --data {cfg['data']} is held in "
+                           f"memory already: drop --decoded-cache")
+        t0 = time.time()
+        kw = dict(img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'], workers=workers)
+        train_ds, eval_ds = data.DecodedCache(train_ds, train=True, **kw), data.DecodedCache(eval_ds, train=False, **kw)
+        workers = 0  # a batch is now a few memory copies: worker processes would only add transfers
+        log(f"decoded cache: {len(train_ds) + len(eval_ds)} images, {(train_ds.nbytes + eval_ds.nbytes) / 2**30:.2f} "
+            f"GiB in memory, {time.time() - t0:.0f}s")
     distributed = world > 1
-    train_loader = data.build_loader(train_ds, micro, train=True, workers=cfg['workers'], distributed=distributed,
+    train_loader = data.build_loader(train_ds, micro, train=True, workers=workers, distributed=distributed,
                                      seed=cfg['seed'])
-    eval_loader = data.build_loader(eval_ds, micro, train=False, workers=cfg['workers'], distributed=distributed)
+    eval_loader = data.build_loader(eval_ds, micro, train=False, workers=workers, distributed=distributed)
     steps_per_epoch = math.ceil(len(train_loader) / cfg['accum'])
     if cfg['max_steps_per_epoch']:
         steps_per_epoch = min(steps_per_epoch, cfg['max_steps_per_epoch'])
@@ -536,7 +551,7 @@ def run(argv, rank, world, device):
                     break
             step_loss = torch.zeros((), device=device)
             for j, (x, y) in enumerate(micro_batches):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = data.to_device(x, device, train_ds), y.to(device, non_blocking=True)
                 last = j == len(micro_batches) - 1
                 with ddp.no_sync() if (ddp is not None and not last) else nullcontext():  # sync grads once per step
                     with autocast(device, dtype):
