@@ -29,6 +29,16 @@ round that something else on the machine slowed down then cancels). The rows:
                                few images that is nearly all of them, so their init/epoch ratio
                                here is an upper bound of the one on a real training set.
   spt epoch (estimated)        ceil(spt_images / batch) x the median SPT train step of this run.
+  <method> grad checkpointing  each method's default with set_grad_checkpointing() (blocks recomputed
+                               in backward); the note gives its train memory and time as multiples
+                               of the default row's (linear: nothing to checkpoint, no row).
+
+The input-pipeline table (--loader-images N per set, 0 = none; --loader-only = just this table):
+images/s of one loader worker, i.e. decoding + data.py's train transform in this process with one
+thread, on --loader-images synthetic photo-like JPEGs per set (FGVC 500x375, VTAB-1k sizes 32x32,
+256x256, 480x320) in a temporary folder, best of two passes; x 16 workers, and the workers needed for
+GPU_RATE images/s. Then the decoded cache (data.DecodedCache) in the main process: host side alone,
+and with the flip and normalisation on --device.
 
 FLOPs: torch.utils.flop_counter.FlopCounterMode over one eval forward at batch 1 (prompt tokens
 included; matmuls, convolutions and attention; CPU attention is counted with the same formula
@@ -442,20 +452,23 @@ def loader_rows(args, log):
 
 
 def cache_rows(ds, label, args, device, log):
-    """The decoded cache of `ds` in the main process: the host side alone (crop slices, collate; what a GPU
-    run pays on the CPU) and with the flip + /255 + normalisation on --device added."""
+    """The decoded cache of `ds` in the main process, best of 3 passes: the host side alone (crop slices,
+    collate; what a GPU run pays on the CPU) and with the flip + /255 + normalisation on --device added."""
     cache = data.DecodedCache(ds, train=True, img_size=args.img_size)
     loader = data.build_loader(cache, args.batch_size, train=True, workers=0)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
 
-    def epoch(finish):
-        for x, _ in loader:
-            if finish:
-                data.to_device(x, device, cache)
+    epochs = math.ceil(1024 / len(cache))   # passes of >= 1024 images: a few ms each otherwise
+
+    def run(finish):
+        for _ in range(epochs):
+            for x, _ in loader:
+                if finish:
+                    data.to_device(x, device, cache)
         sync()
     rows = []
     for finish, what in ((False, 'host side'), (True, f"host + flip/normalise on {device.type}")):
-        rate = max(len(cache) / _seconds(lambda: epoch(finish)) for _ in range(2))
+        rate = max(epochs * len(cache) / _seconds(lambda: run(finish)) for _ in range(3))
         rows.append(dict(arm=f"{label}, decoded cache, {what}", role='loader-cache', data=ds.name,
                          images=len(cache), kb_per_file=cache.nbytes / len(cache) / 1024,
                          images_per_s_per_worker=rate, images_per_s_16_workers=None,
