@@ -14,6 +14,9 @@ Conventions, and where they come from:
 - Transforms: VPT for FGVC (Resize 256 -> RandomCrop/CenterCrop 224 -> flip when training), SA²VP
   datasets.py for VTAB (Resize((224, 224)), no augmentation). mean/std are the caller's choice (ImageNet for
   VPT/SPT/LSPT, 0.5 for SA²VP).
+- DecodedCache (train.py --decoded-cache): a split decoded and resized once, kept as uint8; the crop
+  offsets and flips are drawn as torchvision draws them, and the flip and normalisation run on the device
+  (`to_device`), for GPUs that outrun JPEG decoding.
 
 Nothing is skipped or clamped: a missing folder, a missing or malformed split file, a label out of
 range or an unreadable image raises an error that names the path.

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import methods
 import train
-from test_methods import VARIANTS, VID, allowed_keys, build, images, loop_attention, sa2vp_model, sa2vp_ref
+from test_methods import (VARIANTS, VID, allowed_keys, build, images, loop_attention, sa2vp_model, sa2vp_ref,
+                          one_thread)  # noqa: F401 (one_thread: an autouse fixture, one CPU thread here too)
 from test_train import TINY, read_metrics
 
 CUDA = torch.cuda.is_available()
@@ -35,15 +36,6 @@ NO_DROPOUT = {'vpt': dict(prompt_dropout=0.0), 'lspt': dict(prompt_dropout=0.0),
 # memory-efficient attention); the failures this guards against (a tensor autocast does not cast, a wrong
 # dtype in a mask or a cell state, a prompt lost) give errors of order 1.
 BF16_LOSS_RTOL, BF16_GRAD_RTOL = 0.025, 0.15
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny tensors: one CPU thread is several times faster than two on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

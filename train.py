@@ -140,8 +140,8 @@ def build_parser():
                    "fp32 on CPU; fp16 uses a GradScaler (default: %(default)s)")
     g.add_argument('--compile', action='store_true', help="torch.compile the training step")
     g.add_argument('--grad-checkpointing', action='store_true', help="recompute the backbone blocks in backward "
-                   "instead of storing their activations (less memory, ~1/3 more compute; same gradients); for "
-                   "ViT-L/H or large batches")
+                   "instead of storing their activations (less memory, one more forward of the blocks; the same "
+                   "gradients); for ViT-L/H or large batches")
     g.add_argument('--accum', type=int, default=1, help="gradient accumulation: each process runs batch-size / "
                    "(processes x accum) images per micro-step, one optimizer step per accum micro-steps "
                    "(default: %(default)s)")
