@@ -184,12 +184,14 @@ def test_sa2vp_cuda_equals_cpu_fp64_reference(no_tf32):
 # torch.compile vs eager
 
 
-@pytest.mark.parametrize('method, options, depth', [('vpt', dict(prompts=3), 4), ('sa2vp', {}, 12)], ids=str)
+@pytest.mark.parametrize('method, options, depth, ckpt', [('vpt', dict(prompts=3), 4, False), ('sa2vp', {}, 12, False),
+                                                         ('vpt', dict(prompts=3), 4, True)], ids=str)
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-def test_compile_equals_eager_cuda(method, options, depth, no_tf32):
-    # train.py compiles LossModule (forward = model.loss); inductor fuses and reorders fp32 reductions: ~1e-6
-    model = tiny_model(method, options, depth, torch.device('cuda'))
+def test_compile_equals_eager_cuda(method, options, depth, ckpt, no_tf32):
+    # train.py compiles LossModule (forward = model.loss); inductor fuses and reorders fp32 reductions: ~1e-6.
+    # ckpt: the compiled step with --grad-checkpointing (dynamo traces the non-reentrant checkpoint)
+    model = tiny_model(method, options, depth, torch.device('cuda')).set_grad_checkpointing(ckpt)
     x, y = images(model.backbone).cuda(), torch.tensor([0, 1, 2], device='cuda')
     step = train.LossModule(model)
     eager, g_eager = loss_and_grads(model, x, y)
