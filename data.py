@@ -333,7 +333,10 @@ class _Resized(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.asarray(self.resize(load_image(self.samples[i][0])), dtype=np.uint8).copy())
+        try:
+            return torch.from_numpy(np.asarray(self.resize(load_image(self.samples[i][0])), dtype=np.uint8).copy())
+        except (FileNotFoundError, RuntimeError) as e:  # load_image's error, raised in the main process as it is
+            return e
 
 
 class DecodedCache(Dataset):
@@ -365,8 +368,11 @@ class DecodedCache(Dataset):
         self.crop = kind == 'fgvc'
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        loader = DataLoader(_Resized(self.samples, resize), batch_size=None, num_workers=workers)
-        self.images = [a.clone() for a in loader]   # [(h, w, 3) uint8]; clone: out of worker shared memory
+        self.images = []                                                    # [(h, w, 3) uint8]
+        for a in DataLoader(_Resized(self.samples, resize), batch_size=None, num_workers=workers):
+            if isinstance(a, Exception):
+                raise a
+            self.images.append(a.clone())                                   # clone: out of worker shared memory
         self.nbytes = sum(a.numel() for a in self.images)
 
     def __len__(self):

@@ -250,6 +250,11 @@ def test_decoded_cache_trains_bit_identically(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(RunError, match='--decoded-cache'):
         train.main(TINY + ['--method', 'vpt', '--decoded-cache', '--out', str(tmp_path / 'digits')])
+    bad = tmp_path / 'CUB_200_2011' / 'images' / '001.bird' / 'train_4.jpg'
+    bad.write_bytes(b'not a jpeg')   # decoded by a worker process: one message naming the file, no traceback
+    with pytest.raises(RunError, match=f"--decoded-cache: cannot read image {bad}"):
+        train.main(args[:args.index('--workers')] + args[args.index('--workers') + 2:]
+                   + ['--workers', '2', '--decoded-cache', '--out', str(tmp_path / 'bad')])
 
 
 # -----------------------------------------------------------------------------

@@ -464,7 +464,10 @@ def run(argv, rank, world, device):
                            f"memory already: drop --decoded-cache")
         t0 = time.time()
         kw = dict(img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'], workers=workers)
-        train_ds, eval_ds = data.DecodedCache(train_ds, train=True, **kw), data.DecodedCache(eval_ds, train=False, **kw)
+        try:
+            train_ds, eval_ds = data.DecodedCache(train_ds, train=True, **kw), data.DecodedCache(eval_ds, train=False, **kw)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise RunError(f"--decoded-cache: {e}") from None
         workers = 0  # a batch is now a few memory copies: worker processes would only add transfers
         log(f"decoded cache: {len(train_ds) + len(eval_ds)} images, {(train_ds.nbytes + eval_ds.nbytes) / 2**30:.2f} "
             f"GiB in memory, {time.time() - t0:.0f}s")
