@@ -34,6 +34,16 @@ machine). --device and --amp default as in train.py: CUDA with bf16 autocast whe
                                few images that is nearly all of them, so their init/epoch ratio
                                here is an upper bound of the one on a real training set.
   spt epoch (estimated)        ceil(spt_images / batch) x the median SPT train step of this run.
+  <method> grad checkpointing  each method's default with set_grad_checkpointing() (blocks recomputed
+                               in backward); the note gives its train memory and time as multiples
+                               of the default row's (linear: nothing to checkpoint, no row).
+
+The input-pipeline table (--loader-images N per set, 0 = none; --loader-only = just this table):
+images/s of one loader worker, i.e. decoding + data.py's train transform in this process with one
+thread, on --loader-images synthetic photo-like JPEGs per set (FGVC 500x375, VTAB-1k sizes 32x32,
+256x256, 480x320) in a temporary folder, best of two passes; x 16 workers, and the workers needed for
+GPU_RATE images/s. Then the decoded cache (data.DecodedCache) in the main process: host side alone,
+and with the flip and normalisation on --device.
 
 Targets (the `target` column; a miss is reported, not raised) and why these bounds:
   ours / timm fwd+bwd <= 1.05  models.py is a readable copy of timm's ViT on the same kernels (fused
@@ -80,13 +90,17 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
+import data
 import methods
 import models
 import train
@@ -115,6 +129,8 @@ def parse_args(argv=None):
                    + ' (comma-separated)')
     p.add_argument('--methods', default=','.join(methods.METHODS), help='comma-separated subset of '
                    + ','.join(methods.METHODS))
+    p.add_argument('--loader-images', type=int, default=64, help='images per loader-rate set (0: no loader rows)')
+    p.add_argument('--loader-only', action='store_true', help='only the input-pipeline table (seconds, no models)')
     p.add_argument('--threads', type=int, default=None, help="torch threads for this run (None: torch's own)")
     p.add_argument('--seed', type=int, default=0, help='seeds the random backbone and inputs')
     p.add_argument('--json', action='store_true', help='print a JSON list of dicts to stdout instead of the table')
@@ -126,6 +142,8 @@ def parse_args(argv=None):
         p.error(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(methods.METHODS)}")
     if args.iters < 1 or args.warmup < 0 or not 1 <= args.init_iters <= args.iters:
         p.error('need --iters >= 1, --warmup >= 0 and 1 <= --init-iters <= --iters')
+    if args.loader_images < 0 or (args.loader_only and args.loader_images < 1):
+        p.error('--loader-images must be >= 1 with --loader-only (0 turns the loader rows off otherwise)')
     return args
 
 
@@ -329,8 +347,9 @@ def build_rows(args, base, device, autocast, scaler):
     add(row('timm ViT', 'timm'), frozen_fwd(tm.forward_features, autocast),
         frozen_fwd_bwd(timm_embed, tm.blocks, tm.norm, head, autocast), lambda: tm.forward_features(x1))
 
-    def add_method(name, role, method, options, prompts=None, default=False):
+    def add_method(name, role, method, options, prompts=None, default=False, grad_checkpointing=False):
         model = methods.build_model(method, copy.deepcopy(base), C, **options).to(device)
+        model.set_grad_checkpointing(grad_checkpointing)
         if prompts is None and hasattr(model, 'num_prompts'):
             prompts = model.num_prompts
         r = row(name, role, method, options, prompts, default)
@@ -358,6 +377,7 @@ def build_rows(args, base, device, autocast, scaler):
             r['arm'] = f"sa2vp t={model.ppt.shape[-1]}"
             # the official dropout 0.1 in the frozen backbone is RNG-bound on the CPU: show its share
             add_method(f"sa2vp t={model.ppt.shape[-1]} no dropout", 'sa2vp-nodrop', 'sa2vp', {'sa2vp_dropout': False})
+    add_checkpointing_rows(args, add_method, defaults)
 
     if 'spt' in args.methods:
         g = torch.Generator().manual_seed(args.seed)
@@ -375,6 +395,125 @@ def build_rows(args, base, device, autocast, scaler):
         r['steps'] = steps
         add(r, flops=flop_fns[id(defaults['spt'])])
     return rows, phases, flop_fns
+
+
+def add_checkpointing_rows(args, add_method, defaults):
+    """Every method's default again with --grad-checkpointing (the blocks recomputed in backward): its peak
+    training memory and time next to the default row's (linear runs its blocks under no_grad: nothing to save)."""
+    for m in args.methods:
+        if m != 'linear':
+            r, _ = add_method(f"{defaults[m]['arm'].replace(' (default)', '')} grad checkpointing", 'grad-ckpt', m, {},
+                              grad_checkpointing=True)
+            r['of'] = defaults[m]
+
+
+def checkpointing_notes(rows):
+    """'memory a x, time b x of <default row>' on each grad-checkpointing row (after timing and the memory pass)."""
+    for r in rows:
+        if r['role'] == 'grad-ckpt':
+            d = r.pop('of')
+            mem = r['mem_train_mb'] / d['mem_train_mb'] if r['mem_train_mb'] and d['mem_train_mb'] else None
+            r['mem_train_ratio'] = mem
+            r['time_ratio'] = statistics.median(a / b for a, b in zip(r['train_times_ms'], d['train_times_ms']))
+            r['note'] = f"train memory {fmt(mem, '.2f')}x, time {r['time_ratio']:.2f}x of the default"
+
+
+# -----------------------------------------------------------------------------
+# the input pipeline: images/s of one loader worker (data.py's real transforms) and of the decoded cache
+
+LOADER_SETS = (  # (label, data name, (width, height)): FGVC photos, and VTAB-1k's typical image sizes
+    ('fgvc train 500x375', 'cub', (500, 375)),
+    ('vtab 32x32 (cifar, svhn)', 'vtab-cifar', (32, 32)),
+    ('vtab 256x256 (resisc45)', 'vtab-resisc45', (256, 256)),
+    ('vtab 480x320 (clevr)', 'vtab-clevr_count', (480, 320)),
+)
+GPU_RATE = 2500  # images/s a current datacenter GPU consumes for VPT-deep ViT-B/16 in bf16 (an estimate)
+
+
+def synthetic_photo(w, h, rng):
+    """A photo-like image: a smooth random field (bicubic from 1/24 scale) plus sensor-like noise (std 6).
+    As a quality-95 JPEG a 500x375 one is ~85 KB, about what a real FGVC photo takes to decode."""
+    low = rng.randint(0, 256, (max(h // 24, 2), max(w // 24, 2), 3)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    img = img + rng.normal(0, 6, img.shape)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+def loader_rows(args, device, log):
+    """Per set: decode + build_transform per image in this process with one torch thread (as in a DataLoader
+    worker), the best of two passes over --loader-images images written to a temporary folder (so read from
+    the page cache); then the decoded cache's batches (crop slices + flip/normalise on --device)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for label, name, (w, h) in LOADER_SETS:
+                rng = np.random.RandomState(args.seed)
+                samples = []
+                for i in range(args.loader_images):
+                    path = os.path.join(tmp, f"{name}-{i}.jpg")
+                    synthetic_photo(w, h, rng).save(path, quality=95)
+                    samples.append((path, 0))
+                ds = data.ImageListDataset(name, 'train', tmp, samples, 1,
+                                           data.build_transform(name, train=True, img_size=args.img_size))
+                per_worker = max(len(ds) / _seconds(lambda: [ds[i] for i in range(len(ds))]) for _ in range(2))
+                r = dict(arm=label, role='loader', data=name, width=w, height=h, images=len(ds),
+                         kb_per_file=sum(os.path.getsize(p) for p, _ in samples) / len(samples) / 1024,
+                         images_per_s_per_worker=per_worker, images_per_s_16_workers=16 * per_worker,
+                         workers_for_gpu_rate=math.ceil(GPU_RATE / per_worker))
+                rows.append(r)
+                log(f"loader {label}: {per_worker:.0f} images/s per worker")
+                if name == 'cub':
+                    rows += cache_rows(ds, label, args, device, log)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def cache_rows(ds, label, args, device, log):
+    """The decoded cache of `ds` in the main process, best of 3 passes: the host side alone (crop slices,
+    collate; what a GPU run pays on the CPU) and with the flip + /255 + normalisation on --device added."""
+    cache = data.DecodedCache(ds, train=True, img_size=args.img_size)
+    loader = data.build_loader(cache, args.batch_size, train=True, workers=0)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
+
+    epochs = math.ceil(1024 / len(cache))   # passes of >= 1024 images: a few ms each otherwise
+
+    def run(finish):
+        for _ in range(epochs):
+            for x, _ in loader:
+                if finish:
+                    data.to_device(x, device, cache)
+        sync()
+    rows = []
+    for finish, what in ((False, 'host side'), (True, f"host + flip/normalise on {device.type}")):
+        rate = max(epochs * len(cache) / _seconds(lambda: run(finish)) for _ in range(3))
+        rows.append(dict(arm=f"{label}, decoded cache, {what}", role='loader-cache', data=ds.name,
+                         images=len(cache), kb_per_file=cache.nbytes / len(cache) / 1024,
+                         images_per_s_per_worker=rate, images_per_s_16_workers=None,
+                         workers_for_gpu_rate=math.ceil(GPU_RATE / rate)))
+        log(f"loader {label}, decoded cache, {what}: {rate:.0f} images/s in the main process")
+    return rows
+
+
+def _seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def loader_markdown(rows):
+    lines = ['', f"Input pipeline at {GPU_RATE:,} images/s (one current GPU, VPT-deep ViT-B/16, bf16): "
+             "one worker = decode + data.py's train transform in one process with one thread; "
+             "the decoded cache rows run in the main process (no workers), and their KB are the cached uint8 "
+             "bytes per image.", '',
+             '| images | KB per image | images/s per worker | x 16 workers | workers for 2,500 images/s |',
+             '|---|--:|--:|--:|--:|']
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['kb_per_file']:.0f} | {r['images_per_s_per_worker']:,.0f} | "
+                     f"{fmt(r['images_per_s_16_workers'], ',.0f')} | {r['workers_for_gpu_rate']} |")
+    return '\n'.join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -447,6 +586,8 @@ def summarise(rows, args, base):
         r['ratio'] = ratio(r, bb)
         if r['fwd_ms'] is not None:
             r['fwd_ratio'] = ratio(r, bb, 'fwd', 'fwd')
+        if r['role'] == 'grad-ckpt':   # judged against its own default row (checkpointing_notes), not a target
+            continue
         if r['role'] == 'backbone':
             target(r, spread(bb, tm), 1.05, 'ours/timm fwd+bwd')
         elif r['method'] in ('vpt', 'spt') and r['role'] in ('method', 'prompts'):
@@ -511,8 +652,12 @@ def main(argv=None):
 def run(args, argv):
     t_start = time.perf_counter()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    torch.manual_seed(args.seed)
     device = train.resolve_device(args.device)
+    if args.loader_only:
+        loader = loader_rows(args, device, log)
+        print(json.dumps(loader, indent=1) if args.json else loader_markdown(loader).lstrip())
+        return loader
+    torch.manual_seed(args.seed)
     amp_dtype = train.amp_dtype(args.amp, device)
     amp = {None: 'none', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp_dtype]
     autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
@@ -545,17 +690,19 @@ def run(args, argv):
     log('memory pass done')
 
     summarise(rows, args, base)
+    checkpointing_notes(rows)
+    loader = loader_rows(args, device, log) if args.loader_images > 0 else []
     meta = dict(arm='meta', command=' '.join(['python', 'bench.py', *(sys.argv[1:] if argv is None else argv)]),
                 torch=torch.__version__, timm=__import__('timm').__version__, threads=torch.get_num_threads(),
                 device=str(device), amp=amp, arch=args.arch, img_size=args.img_size, batch_size=args.batch_size,
                 iters=args.iters, warmup=args.warmup, init_iters=args.init_iters, spt_images=args.spt_images,
                 num_classes=args.num_classes, seed=args.seed, memory=memory,
                 seconds=time.perf_counter() - t_start)
-    results = [meta, *rows]
+    results = [meta, *rows, *loader]
     if args.json:
         print(json.dumps(results, indent=1))
     else:
-        print(markdown(rows, meta))
+        print(markdown(rows, meta) + (loader_markdown(loader) if loader else ''))
     return results
 
 

@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from models import pool
 
@@ -58,6 +59,7 @@ class Tuner(nn.Module):
 
     backbone_train_mode = False
     recipe = None
+    grad_checkpointing = False  # see set_grad_checkpointing
 
     def __init__(self, backbone):
         super().__init__()
@@ -86,6 +88,23 @@ class Tuner(nn.Module):
         the class gets a concrete value)."""
         return {k: getattr(self, k, None) for k in init_options(type(self))}
 
+    def set_grad_checkpointing(self, enable=True):
+        """Activation checkpointing of the backbone blocks (timm's method name): each block's activations
+        are recomputed in backward instead of stored, for ViT-L/H and large batches. Every method calls its
+        blocks through `block_call`, and prompts are inserted outside it, so all prompts (VPT's per-block
+        sets, LSPT's recurrence, SA²VP's two pathways) are still there; a checkpointed branch that ran the
+        plain backbone blocks would silently drop VPT's deep prompts. The gradients are unchanged."""
+        self.grad_checkpointing = enable
+        return self
+
+    def block_call(self, fn, *args):
+        """fn(*args), checkpointed when grad checkpointing is on and autograd records. Non-reentrant
+        torch.utils.checkpoint saves the RNG state and restores it for the recomputation, so dropout inside
+        fn (SA²VP's) draws the same masks twice and the global RNG ends where it would without it."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
 
 def tuned_state_dict(model):
     """Only the tuned tensors (what a checkpoint of this codebase holds)."""
@@ -112,7 +131,7 @@ class Linear(Tuner):
         """The plain backbone's readout: (B, 3, H, W) -> (B, D)."""
         t = self.backbone.embed(x)
         for blk in self.backbone.blocks:
-            t = blk(t)
+            t = self.block_call(blk, t)
         return pool(self.backbone, t, self.readout)
 
     def features(self, x):
@@ -203,7 +222,7 @@ class VPT(Tuner):
                 x = self.insert(x, 0, replace=False)
             elif self.deep:
                 x = self.insert(x, i, replace=True)
-            x = blk(x)                                                        # (B, 1+P+N, D)
+            x = self.block_call(blk, x)                                       # (B, 1+P+N, D)
         return pool(self.backbone, x, self.readout)
 
     def forward(self, x):
@@ -550,7 +569,7 @@ class LSPT(Tuner):
         xp = self.new_prompts(0, B).expand(B, -1, -1)                         # block 1's prompts: P^0
         C = x.new_zeros(B, P, x.shape[-1])                                    # C^0 = 0
         for l, blk in enumerate(self.backbone.blocks):
-            y = blk(torch.cat([cls, xp, X], dim=1))                           # (B, 1+P+N, D)
+            y = self.block_call(blk, torch.cat([cls, xp, X], dim=1))          # (B, 1+P+N, D)
             cls, xp_hat, X = y[:, :1], y[:, 1:1 + P], y[:, 1 + P:]
             if l == L - 1:
                 xp = xp_hat                                                   # no coding after the last block
@@ -759,7 +778,7 @@ class SA2VP(Tuner):
         h = bb.embed(x)                                                       # (B, 1+N, D) base
         p = self.drop(self.prompt_map().expand(B, -1, -1) + bb.pos_embed)     # (B, 1+N, D) prompt
         for l in range(len(bb.blocks)):
-            h, p = self.layer(l, h, p)
+            h, p = self.block_call(self.layer, l, h, p)                       # both pathways and the cross-attention
         zb, zp = bb.norm(h[:, 0]), bb.norm(p[:, 0])                           # shared final norm, token 0
         return self.head(zb), self.head(zp)
 

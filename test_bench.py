@@ -14,7 +14,7 @@ import models
 ARCH, IMG, C = 'vit_nano_patch8', 48, 200   # 36 patches: enough for SPT's mean/max windows at P=20
 ARGS = ['--arch', ARCH, '--img-size', str(IMG), '--batch-size', '2', '--iters', '2', '--warmup', '1',
         '--spt-images', '8', '--prompts', '2,4', '--num-classes', str(C), '--device', 'cpu',
-        '--threads', '1']  # one thread: a tiny model on a busy machine is far slower with two
+        '--threads', '1', '--loader-images', '2']  # one thread: a tiny model on a busy machine is far slower with two
 
 
 @pytest.fixture(scope='module')
@@ -24,7 +24,9 @@ def run():
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         results = bench.main(ARGS)
     assert results[0]['arm'] == 'meta'
-    return results[1:], results[0], out.getvalue()
+    rows = [r for r in results[1:] if not r['role'].startswith('loader')]
+    assert [r['role'] for r in results[1 + len(rows):]] == ['loader', 'loader-cache', 'loader-cache'] + ['loader'] * 3
+    return rows, results[0], out.getvalue()
 
 
 def find(rows, **kw):
@@ -130,13 +132,47 @@ def test_markdown_table(run):
 
 def test_json_mode(capsys):
     results = bench.main(['--arch', ARCH, '--img-size', str(IMG), '--batch-size', '2', '--iters', '1',
-                          '--warmup', '0', '--methods', 'vpt', '--prompts', '2', '--threads', '1', '--json'])
+                          '--warmup', '0', '--methods', 'vpt', '--prompts', '2', '--threads', '1', '--json',
+                          '--loader-images', '0'])
     out = capsys.readouterr().out
     parsed = json.loads(out)   # stdout holds the JSON and nothing else
     assert isinstance(parsed, list) and all(isinstance(d, dict) for d in parsed)
     assert parsed == json.loads(json.dumps(results))
     assert parsed[0]['arm'] == 'meta'
-    assert {r['role'] for r in parsed[1:]} == {'backbone', 'timm', 'method', 'prompts'}
+    assert {r['role'] for r in parsed[1:]} == {'backbone', 'timm', 'method', 'prompts', 'grad-ckpt'}
+
+
+def test_grad_checkpointing_rows(run):
+    rows, _, out = run
+    for m in methods.METHODS:
+        hits = [r for r in rows if r['role'] == 'grad-ckpt' and r['method'] == m]
+        if m == 'linear':   # its blocks run under no_grad: nothing to checkpoint
+            assert hits == []
+            continue
+        (r,) = hits
+        d = find(rows, method=m, role='method', default=True)
+        assert r['options'] == d['options'] == {} and r['tuned_params'] == d['tuned_params'] and r['target'] is None
+        assert r['time_ratio'] > 0 and len(r['train_times_ms']) == len(d['train_times_ms']) == 2
+        if r['mem_train_ratio'] is not None:
+            assert r['mem_train_ratio'] == pytest.approx(r['mem_train_mb'] / d['mem_train_mb'])
+        assert f"time {r['time_ratio']:.2f}x of the default" in r['note'] and r['arm'] in out
+
+
+def test_loader_only():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rows = bench.main(['--loader-only', '--loader-images', '3', '--img-size', '32', '--batch-size', '2',
+                           '--device', 'cpu'])
+    assert [r['data'] for r in rows] == ['cub', 'cub', 'cub', 'vtab-cifar', 'vtab-resisc45', 'vtab-clevr_count']
+    for r in rows:
+        rate = r['images_per_s_per_worker']
+        assert r['images'] == 3 and rate > 0 and r['workers_for_gpu_rate'] == math.ceil(bench.GPU_RATE / rate)
+        if r['role'] == 'loader':
+            assert r['images_per_s_16_workers'] == 16 * rate and r['kb_per_file'] > 0
+        else:   # the cache holds Resize(round(32 * 256 / 224)) = 37 px short side, 37 x 49 for 500 x 375
+            assert r['kb_per_file'] == pytest.approx(37 * 49 * 3 / 1024)
+    table = out.getvalue().splitlines()
+    assert table[0].startswith('Input pipeline at 2,500 images/s') and len(table) == 4 + len(rows)
 
 
 def test_bad_arguments():

@@ -494,3 +494,80 @@ def test_class_names():
                     [('/r/images/train800/0.jpg', 0), ('/r/images/train800/1.jpg', 1)],  # VTAB: one folder
                     [('/r/A/0.jpg', 0), ('/r/B/1.jpg', 0)]):                             # a class in two folders
         assert data.class_names(data.ImageListDataset('x', 'val', Path('/r'), samples, 2, None)) is None
+
+
+# ----------------------------------------------------------------------------- the decoded cache
+
+def cached_vs_torchvision(ds, cache, seed, rounds=3):
+    """Items of the torchvision dataset and of the cache (finished on the CPU) from the same RNG state."""
+    torch.manual_seed(seed)
+    ref = [ds[i][0] for _ in range(rounds) for i in range(len(ds))]
+    torch.manual_seed(seed)
+    got = []
+    for _ in range(rounds):
+        for i in range(len(cache)):
+            (crop, flip), label = cache[i]
+            assert crop.dtype == torch.uint8 and label == ds.samples[i][1]
+            got.append(cache.finish(crop[None], flip[None])[0])
+    return ref, got
+
+
+@pytest.mark.parametrize('name, train', [('cub', True), ('cub', False), ('vtab-dtd', True), ('vtab-dtd', False)])
+@pytest.mark.parametrize('img_size', [16, 24])
+def test_decoded_cache_equals_torchvision_transform(root, name, train, img_size):
+    # FGVC images of three aspect ratios (40x30, 30x50, 50x50): the cached Resize output keeps each shape
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    split = 'train' if name == 'cub' else 'train800'
+    ds = build(name, split, root, img_size=img_size, mean=mean, std=std, train=train)
+    cache = data.DecodedCache(ds, train=train, img_size=img_size, mean=mean, std=std)
+    short = round(img_size * 256 / 224) if name == 'cub' else img_size
+    assert all(min(a.shape[:2]) == short for a in cache.images)
+    ref, got = cached_vs_torchvision(ds, cache, seed=3)
+    for a, b in zip(ref, got):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)   # bit-identical, every draw
+    if train and name == 'cub':   # and it does augment: the same image differs between rounds
+        assert not all(torch.equal(got[i], got[i + len(ds)]) for i in range(len(ds)))
+
+
+def test_decoded_cache_crop_and_flip_statistics(root):
+    # one cached 20x23 "image" whose pixels encode their own position: a crop's corner gives its offset
+    ds = build('cub', 'train', root, img_size=16, train=True)
+    cache = data.DecodedCache(ds, train=True, img_size=16)
+    h, w, n = 20, 23, 6000
+    r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    cache.images[0] = torch.stack([r, c, torch.zeros_like(r)], -1).to(torch.uint8)
+    torch.manual_seed(0)
+    counts_r, counts_c, flips = torch.zeros(h - 15, dtype=torch.long), torch.zeros(w - 15, dtype=torch.long), 0
+    for _ in range(n):
+        (crop, flip), _ = cache[0]
+        x = cache.finish(crop[None], flip[None])[0] * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) \
+            + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+        rows, cols = (x[0] * 255).round().long(), (x[1] * 255).round().long()   # the pixel positions it shows
+        top, left = rows[0, 0].item(), cols[0, :].min().item()
+        assert torch.equal(rows, top + torch.arange(16).view(16, 1).expand(16, 16))
+        ordered = left + torch.arange(16).expand(16, 16)
+        assert torch.equal(cols, ordered.flip(-1) if flip else ordered)      # a flip mirrors the columns
+        counts_r[top] += 1
+        counts_c[left] += 1
+        flips += int(flip)
+    # every offset 0..h-16 / 0..w-16 occurs, uniformly: each count within 5 binomial sigmas of n / k
+    for counts in (counts_r, counts_c):
+        k = len(counts)
+        sigma = (n * (1 / k) * (1 - 1 / k)) ** 0.5
+        assert (counts - n / k).abs().max() <= 5 * sigma, counts
+    assert abs(flips - n / 2) <= 5 * (n / 4) ** 0.5, flips
+
+
+def test_decoded_cache_loader_and_to_device(root):
+    ds = build('cub', 'train', root, img_size=16, train=True)
+    cache = data.DecodedCache(ds, train=True, img_size=16, workers=2)   # built by 2 worker processes
+    assert len(cache) == len(ds) and cache.nbytes == sum(a.numel() for a in cache.images)
+    loader = data.build_loader(cache, 4, train=True, workers=0)
+    x, y = next(iter(loader))
+    x = data.to_device(x, torch.device('cpu'), cache)
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.shape == (4,)
+    assert x.is_contiguous()   # as ToTensor's: a channels-last input would change the patch-embedding kernel
+    plain = data.build_loader(ds, 4, train=True, workers=0)
+    assert data.to_device(next(iter(plain))[0], torch.device('cpu'), ds).shape == (4, 3, 16, 16)
+    with pytest.raises(ValueError, match='digits'):
+        data.DecodedCache(data.build_dataset('digits', 'train800', img_size=16), train=True, img_size=16)

@@ -165,6 +165,42 @@ def test_gradients_reach_exactly_the_tuned_parameters(method, options, depth):
         assert sorted(frozen) == sorted('backbone.' + n for n, _ in model.backbone.named_parameters())
 
 
+def step_with_checkpointing(model, x, y, enable):
+    """One training loss + backward in train mode, seeded (every dropout is live: VPT/LSPT prompt dropout,
+    SA²VP's 0.1 in the backbone and adapters). Returns (loss, {tuned name: grad}, block calls, next
+    random number): block calls count norm1 forwards, which checkpointing runs twice (forward, recompute)."""
+    model.set_grad_checkpointing(enable).train()
+    model.zero_grad(set_to_none=True)
+    calls = [0]
+    hooks = [b.norm1.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+             for b in model.backbone.blocks]
+    torch.manual_seed(7)
+    loss = model.loss(x, y)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, calls[0], torch.rand(1).item()
+
+
+@pytest.mark.parametrize('method, options, depth', VARIANTS, ids=VID)
+def test_grad_checkpointing_keeps_loss_gradients_and_rng(method, options, depth):
+    model = build(method, options, depth).double()
+    x, y = images(model.backbone).double(), torch.tensor([0, 1, 2])
+    loss0, g0, calls0, rand0 = step_with_checkpointing(model, x, y, False)
+    loss1, g1, calls1, rand1 = step_with_checkpointing(model, x, y, True)
+    # checkpointing really ran: every block executed twice when anything before it is tuned (linear: under no_grad)
+    assert calls1 == (calls0 if method == 'linear' else 2 * calls0)
+    close(loss1, loss0, 1e-6)
+    assert g1.keys() == g0.keys()
+    for n in g0:   # the same dropout masks in the recomputation, every prompt set inserted
+        close(g1[n], g0[n], 1e-6)
+    assert rand1 == rand0   # the global RNG ends where it would without checkpointing (exact resume)
+    with torch.no_grad():   # evaluation never checkpoints
+        model.eval()
+        close(model(x), model.set_grad_checkpointing(False)(x), 0)
+
+
 @pytest.mark.parametrize('opt', ['sgd', 'adamw'])
 @pytest.mark.parametrize('method, options, depth', [v for v in VARIANTS if v[0] != 'full'],
                          ids=[i for i in VID if not i.startswith('full')])

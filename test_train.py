@@ -229,6 +229,62 @@ def test_bf16_autocast_on_cpu(tmp_path, method):
     assert all(torch.isfinite(torch.tensor(r['train_loss'])) for r in read_metrics(tmp_path))
 
 
+def test_grad_checkpointing_flag_trains_the_same(tmp_path, monkeypatch):
+    # SA²VP with its backbone dropout on: the recomputation must draw the same masks, so the run is unchanged
+    args = TINY + ['--method', 'sa2vp', '--epochs', '1', '--max-steps-per-epoch', '2', '--batch-size', '16',
+                   '--warmup-epochs', '0']
+    plain = train.main(args + ['--out', str(tmp_path / 'plain')])
+    calls = []
+    real = methods.checkpoint
+    monkeypatch.setattr(methods, 'checkpoint', lambda *a, **k: calls.append(1) or real(*a, **k))
+    ckpt = train.main(args + ['--grad-checkpointing', '--out', str(tmp_path / 'ckpt')])
+    assert len(calls) == 2 * 2   # 2 layers of vit_nano x 2 steps; none in evaluation
+    assert ckpt['config']['grad_checkpointing'] and not plain['config']['grad_checkpointing']
+    assert read_metrics(tmp_path / 'ckpt')[0]['train_loss'] == read_metrics(tmp_path / 'plain')[0]['train_loss']
+    assert ckpt['accuracy'] == plain['accuracy']
+    a, b = (torch.load(tmp_path / d / 'last.pt', weights_only=True)['model'] for d in ('plain', 'ckpt'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def tiny_cub(root):
+    """<root>/CUB_200_2011 with 12 train / 6 val JPEGs of 3 classes and two aspect ratios."""
+    folder = root / 'CUB_200_2011'
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('train', 12), ('val', 6)):
+        entries = {}
+        for k in range(n):
+            rel = f'{k % 3:03d}.bird/{split}_{k}.jpg'
+            (folder / 'images' / rel).parent.mkdir(parents=True, exist_ok=True)
+            size = (30, 40) if k % 2 else (40, 30)   # (h, w): portrait and landscape
+            img = torch.randint(0, 256, (*size, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(img).save(folder / 'images' / rel)
+            entries[rel] = k % 3 + 1
+        (folder / f'{split}.json').write_text(json.dumps(entries))
+    return root
+
+
+def test_decoded_cache_trains_bit_identically(tmp_path, monkeypatch):
+    # the same RNG draws in the same order (crops, flips, then prompt dropout): the same run, to the bit
+    monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')
+    args = ['--arch', 'vit_nano_patch8', '--pretrain', 'none', '--data', 'cub', '--data-root', str(tiny_cub(tmp_path)),
+            '--img-size', '16', '--workers', '0', '--log-interval', '0', '--method', 'vpt', '--prompts', '2',
+            '--epochs', '2', '--batch-size', '4', '--warmup-epochs', '0']
+    plain = train.main(args + ['--out', str(tmp_path / 'plain')])
+    cached = train.main(args + ['--decoded-cache', '--out', str(tmp_path / 'cached')])
+    assert cached['config']['decoded_cache'] and not plain['config']['decoded_cache']
+    strip = lambda rows: [(r['train_loss'], r['eval_accuracy']) for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / 'cached')) == strip(read_metrics(tmp_path / 'plain'))
+    a, b = (torch.load(tmp_path / d / 'last.pt', weights_only=True)['model'] for d in ('plain', 'cached'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RunError, match='--decoded-cache'):
+        train.main(TINY + ['--method', 'vpt', '--decoded-cache', '--out', str(tmp_path / 'digits')])
+    bad = tmp_path / 'CUB_200_2011' / 'images' / '001.bird' / 'train_4.jpg'
+    bad.write_bytes(b'not a jpeg')   # decoded by a worker process: one message naming the file, no traceback
+    with pytest.raises(RunError, match=f"--decoded-cache: cannot read image {bad}"):
+        train.main(args[:args.index('--workers')] + args[args.index('--workers') + 2:]
+                   + ['--workers', '2', '--decoded-cache', '--out', str(tmp_path / 'bad')])
+
+
 # -----------------------------------------------------------------------------
 # accuracy on digits with a random tiny backbone
 

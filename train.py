@@ -63,7 +63,7 @@ MOMENTUM = 0.9  # SGD momentum in every SGD recipe
 MODEL_OPTIONS = tuple(sorted({k for cls in methods.METHODS.values() for k in methods.init_options(cls)}))
 # what --resume may change; every other explicitly given flag must equal the checkpoint's value
 RESUME_OVERRIDES = {'resume', 'overwrite', 'out', 'workers', 'data_root', 'weights', 'log_interval',
-                    'stop_after_epoch', 'compile', 'device'}
+                    'stop_after_epoch', 'compile', 'device', 'grad_checkpointing', 'decoded_cache'}
 # flags that change the result and are spelled out in the default --out when given, in this order
 NAMED_FLAGS = ('img_size', 'mean', 'std', 'epochs', 'batch_size', 'lr', 'wd', 'wd_head', 'optimizer', 'momentum',
                'warmup_epochs', 'min_lr') + MODEL_OPTIONS + ('max_steps_per_epoch',)
@@ -142,10 +142,16 @@ def build_parser():
     g.add_argument('--amp', choices=['auto', 'none', 'bf16', 'fp16'], default='auto', help="auto: bf16 on CUDA, "
                    "fp32 on CPU; fp16 uses a GradScaler (default: %(default)s)")
     g.add_argument('--compile', action='store_true', help="torch.compile the training step")
+    g.add_argument('--grad-checkpointing', action='store_true', help="recompute the backbone blocks in backward "
+                   "instead of storing their activations (less memory, one more forward of the blocks; the same "
+                   "gradients); for ViT-L/H or large batches")
     g.add_argument('--accum', type=int, default=1, help="gradient accumulation: each process runs batch-size / "
                    "(processes x accum) images per micro-step, one optimizer step per accum micro-steps "
                    "(default: %(default)s)")
     g.add_argument('--workers', type=int, default=4, help="data loader workers per process (default: %(default)s)")
+    g.add_argument('--decoded-cache', action='store_true', help="FGVC / VTAB: decode and resize every image once "
+                   "(with --workers processes) and keep it in memory as uint8; crop offsets and flips are drawn as "
+                   "torchvision does, flip and normalisation run on the device (for GPUs that outrun JPEG decoding)")
     g.add_argument('--eval-every', type=int, default=1, help="evaluate every N epochs; the last epoch always "
                    "(default: %(default)s)")
     g.add_argument('--log-interval', type=int, default=20, help="steps between progress lines (default: %(default)s)")
@@ -310,7 +316,7 @@ def evaluate(model, loader, device, dtype):
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = data.to_device(x, device, loader.dataset), y.to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(x)                                   # (B, C)
         counts[0] += (logits.argmax(-1) == y).sum()
@@ -562,16 +568,32 @@ def run(cfg, explicit, rank, world, device):
 
     # ---- model (every rank seeded identically, so parameters start equal; DDP broadcasts them anyway)
     model, num_classes = build(cfg, device)
+    model.set_grad_checkpointing(cfg.get('grad_checkpointing', False))  # absent in older checkpoints
     identity = model.backbone.identity
     if ckpt is not None and not models.same_backbone(model.backbone, ckpt['identity']):
         raise RunError(f"cannot resume: the backbone is {identity}, but the checkpoint was trained on "
                        f"{ckpt['identity']} ({ckpt_path})")
     tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+
+    workers = cfg['workers']
+    if cfg.get('decoded_cache'):  # absent in older checkpoints; decoded after the (cheap) checks above
+        if cfg['data'] not in data.FGVC and not cfg['data'].startswith('vtab-'):
+            raise RunError(f"--decoded-cache is for FGVC and VTAB image files; --data {cfg['data']} is held in "
+                           f"memory already: drop --decoded-cache")
+        t0 = time.time()
+        kw = dict(img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'], workers=workers)
+        try:
+            train_ds, eval_ds = data.DecodedCache(train_ds, train=True, **kw), data.DecodedCache(eval_ds, train=False, **kw)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise RunError(f"--decoded-cache: {e}") from None
+        workers = 0  # a batch is now a few memory copies: worker processes would only add transfers
+        log(f"decoded cache: {len(train_ds) + len(eval_ds)} images, {(train_ds.nbytes + eval_ds.nbytes) / 2**30:.2f} "
+            f"GiB in memory, {time.time() - t0:.0f}s")
     distributed = world > 1
-    train_loader = data.build_loader(train_ds, micro, train=True, workers=cfg['workers'], distributed=distributed,
+    train_loader = data.build_loader(train_ds, micro, train=True, workers=workers, distributed=distributed,
                                      seed=cfg['seed'])
-    eval_loader = data.build_loader(eval_ds, micro, train=False, workers=cfg['workers'], distributed=distributed)
+    eval_loader = data.build_loader(eval_ds, micro, train=False, workers=workers, distributed=distributed)
     steps_per_epoch = math.ceil(len(train_loader) / cfg['accum'])
     if cfg['max_steps_per_epoch']:
         steps_per_epoch = min(steps_per_epoch, cfg['max_steps_per_epoch'])
@@ -656,7 +678,7 @@ def run(cfg, explicit, rank, world, device):
                     break
             step_loss = torch.zeros((), device=device)
             for j, (x, y) in enumerate(micro_batches):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = data.to_device(x, device, train_ds), y.to(device, non_blocking=True)
                 last = j == len(micro_batches) - 1
                 with ddp.no_sync() if (ddp is not None and not last) else nullcontext():  # sync grads once per step
                     with autocast(device, dtype):
