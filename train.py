@@ -142,8 +142,9 @@ def build_parser():
                    "(processes x accum) images per micro-step, one optimizer step per accum micro-steps "
                    "(default: %(default)s)")
     g.add_argument('--workers', type=int, default=4, help="data loader workers per process (default: %(default)s)")
-    g.add_argument('--eval-every', type=int, default=1, help="evaluate every N epochs; the last epoch always "
-                   "(default: %(default)s)")
+    g.add_argument('--eval-every', type=int, default=None, help="evaluate every N epochs; the last epoch always "
+                   "(default: 1 with --eval-split val; with --eval-split test only the last epoch, so the test set "
+                   "is evaluated once)")
     g.add_argument('--log-interval', type=int, default=20, help="steps between progress lines (default: %(default)s)")
     g.add_argument('--out', default=None, help="run directory (default: runs/<method>-<data>-<pretrain>-seed<seed>)")
     g.add_argument('--resume', action='store_true', help="continue from --out/last.pt with its recorded configuration")
@@ -185,6 +186,8 @@ def parse_args(argv=None):
             cfg['sa2vp_dim'] = t if cfg['sa2vp_dim'] is None else cfg['sa2vp_dim']
             cfg['sa2vp_gamma'] = gamma if cfg['sa2vp_gamma'] is None else cfg['sa2vp_gamma']
         cfg['out'] = cfg['out'] or default_out(args)
+        if cfg['eval_every'] is None:  # a final run on test evaluates it once, after the last epoch
+            cfg['eval_every'] = 1 if cfg['eval_split'] == 'val' else cfg['epochs']
     if cfg['weights'] is not None:
         cfg['weights'] = os.path.abspath(cfg['weights'])
     return cfg, explicit
