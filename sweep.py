@@ -438,13 +438,14 @@ def execute(spec, launcher):
         for cell in phase1_cells(spec, name):
             if cell.status() != 'done':
                 queue.append(cell)
-    n_done_before = sum(1 for name in names for c in phase1_cells(spec, name) if c.status() == 'done')
     t_start = time.time()
 
     def counts():
         done = sum(1 for name in names for c in phase1_cells(spec, name) + phase2_cells(spec, name)
                    if c.status() == 'done')
         return done, len(running), len(failed), n_total - done - len(running) - len(failed)
+
+    n_done_before = counts()[0]
 
     print(f"sweep {spec['out']}: {len(names)} datasets x ({len(spec['grid'])} grid cells + {len(spec['seeds'])} "
           f"seeds) = {n_total} runs, {n_done_before} finished before", flush=True)

@@ -351,3 +351,18 @@ def test_attention_map_is_a_distribution_over_patches(trained):
     x = torch.randn(2, 3, 16, 16)
     a = eval_py.attention_map(model, x)
     assert a.shape == (2, 2, 2) and (a >= 0).all() and (a.sum((1, 2)) <= 1 + 1e-6).all()
+
+
+def test_test_split_is_evaluated_once(tmp_path):
+    """--eval-split test evaluates after the last epoch only; an explicit --eval-every still wins; val every epoch."""
+    base = TINY + ['--method', 'linear', '--epochs', '3', '--max-steps-per-epoch', '2', '--batch-size', '32']
+    for name, extra, evaluated in (('test', ['--eval-split', 'test'], [3]),
+                                   ('test-every', ['--eval-split', 'test', '--eval-every', '1'], [1, 2, 3]),
+                                   ('val', [], [1, 2, 3])):
+        result = train.main(base + extra + ['--out', str(tmp_path / name)])
+        rows = read_metrics(tmp_path / name)
+        assert [r['epoch'] for r in rows if r['eval_accuracy'] is not None] == evaluated, name
+        assert rows[-1]['eval_accuracy'] == result['accuracy']
+    assert result['config']['eval_every'] == 1
+    with open(tmp_path / 'test' / 'result.json') as f:
+        assert json.load(f)['config']['eval_every'] == 3
