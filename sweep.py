@@ -42,7 +42,6 @@ import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_PY = os.path.join(HERE, 'train.py')
-RECIPES = train.RECIPES  # the methods' recipes (batch size for VPT's lr x batch / 256)
 
 # -----------------------------------------------------------------------------
 # suites, grids, seeds
@@ -211,23 +210,15 @@ def datasets_of(spec):
     return out
 
 
-def batch_size(method, extra):
-    """The batch size the runs will use: --batch-size after --, else the recipe's."""
-    for i, flag in enumerate(extra):
-        if flag == '--batch-size' and i + 1 < len(extra):
-            return int(extra[i + 1])
-        if flag.startswith('--batch-size='):
-            return int(flag.split('=', 1)[1])
-    return RECIPES[method]['batch_size']
-
-
 def grid_of(args, extra):
-    """[(lr, wd, prompts)] in the order of the grid; lr absolute (VPT's base lrs x batch / 256)."""
+    """[(lr, wd, prompts)] in the order of the grid; lr absolute (VPT's base lrs x batch / 256, at the batch size
+    the runs will use: --batch-size after --, else the recipe's)."""
     grid = GRIDS[args.method]
     if args.lr is not None:
         lrs = args.lr
     elif grid['base']:
-        lrs = [lr * batch_size(args.method, extra) / 256 for lr in grid['lr']]
+        batch = intended_config(['--method', args.method, '--data', 'digits'] + extra)['batch_size']
+        lrs = [lr * batch / 256 for lr in grid['lr']]
     else:
         lrs = grid['lr']
     wds = args.wd if args.wd is not None else grid['wd']
@@ -518,31 +509,25 @@ def passes(train_images, eval_images, epochs, eval_every):
     return train_images * epochs + eval_images * evaluations
 
 
-def option(extra, flag, default, kind=int):
-    for i, f in enumerate(extra):
-        if f == flag and i + 1 < len(extra):
-            return kind(extra[i + 1])
-        if f.startswith(flag + '='):
-            return kind(f.split('=', 1)[1])
-    return default
-
-
 def dry_run(spec):
-    epochs = option(spec['extra'], '--epochs', RECIPES[spec['method']]['epochs'])
-    every = option(spec['extra'], '--eval-every', None)
+    """Runs and image passes per phase, from the split sizes and train.py's resolved --epochs / --eval-every."""
+    lr, wd, p = spec['grid'][0]
+    val_cfg = intended_config(Cell(spec, 'digits', 1, lr, wd, p, 0, '').args)
+    test_cfg = intended_config(Cell(spec, 'digits', 2, lr, wd, p, 0, '').args)
+    epochs, every = val_cfg['epochs'], test_cfg['eval_every']
     cells, seeds = len(spec['grid']), len(spec['seeds'])
     p1 = p2 = vpt2 = 0
     for name in spec['data']:
         tune, val, final, test = split_sizes(name)
-        p1 += cells * passes(tune, val, epochs, every or 1)
-        p2 += seeds * passes(final, test, epochs, every or epochs)
+        p1 += cells * passes(tune, val, epochs, val_cfg['eval_every'])
+        p2 += seeds * passes(final, test, epochs, every)
         vpt2 += seeds * passes(final, test, epochs, 1)  # VPT evaluates the test set every epoch
     n = len(spec['data'])
     print(f"{spec['method']} on {n} datasets, {epochs} epochs per run (image passes = training images x epochs + "
           f"evaluated images):")
     print(f"  phase 1 (grid on val):   {n * cells:6d} runs  {p1:15,d} image passes")
     print(f"  phase 2 (seeds on test): {n * seeds:6d} runs  {p2:15,d} image passes (test evaluated "
-          f"{'once per run' if every is None else f'every {every} epochs'})")
+          f"{'once per run' if every >= epochs else f'every {every} epochs'})")
     print(f"  total:                   {n * (cells + seeds):6d} runs  {p1 + p2:15,d} image passes; VPT's protocol "
           f"(test every epoch): {p1 + vpt2:,d}, ours / VPT's = {(p1 + p2) / (p1 + vpt2):.2f}")
     return dict(runs=n * (cells + seeds), phase1=p1, phase2=p2, vpt=p1 + vpt2)
