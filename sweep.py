@@ -244,8 +244,8 @@ class Cell:
     """One train.py run of the sweep: its command, its directory and what it holds."""
 
     def __init__(self, spec, name, phase, lr, wd, prompts, seed, key):
-        self.data, self.phase, self.lr, self.wd, self.prompts, self.seed, self.key = name, phase, lr, wd, prompts, \
-            seed, key
+        self.data, self.phase, self.key = name, phase, key
+        self.lr, self.wd, self.prompts, self.seed = lr, wd, prompts, seed
         self.dir = os.path.join(spec['out'], name, 'val' if phase == 1 else 'test', key)
         self.log = os.path.join(self.dir, 'train.log')
         self.failed_path = os.path.join(self.dir, 'sweep_failed.txt')
