@@ -366,3 +366,42 @@ def test_test_split_is_evaluated_once(tmp_path):
     assert result['config']['eval_every'] == 1
     with open(tmp_path / 'test' / 'result.json') as f:
         assert json.load(f)['config']['eval_every'] == 3
+
+
+LINEAR_GRID = TINY + ['--method', 'linear', '--epochs', '2', '--max-steps-per-epoch', '5', '--batch-size', '32',
+                      '--warmup-epochs', '0.5']
+
+
+def test_linear_grid_equals_separate_runs(tmp_path):
+    """A 2 x 2 (lr, wd) linear grid in one pass (cached features) ends every cell with the head, metrics and
+    accuracy of the cell's own separate run (same seed), and writes ordinary run directories."""
+    results = train.main(LINEAR_GRID + ['--lr', '0.5,0.05', '--wd', '0,0.01', '--out', str(tmp_path / 'grid')])
+    assert [(r['config']['lr'], r['config']['wd']) for r in results] == [(0.5, 0), (0.05, 0), (0.5, 0.01),
+                                                                         (0.05, 0.01)]
+    for res in results:
+        lr, wd = res['config']['lr'], res['config']['wd']
+        cell = tmp_path / 'grid' / f'lr{lr:g}_wd{wd:g}'
+        own = train.main(LINEAR_GRID + ['--lr', str(lr), '--wd', str(wd), '--out', str(tmp_path / cell.name)])
+        assert res['features'] == 'cached' and set(res) == set(own) | {'features'}
+        assert res['accuracy'] == own['accuracy']
+        assert {k: v for k, v in res['config'].items() if k not in ('out', 'grid_features')} == \
+            {k: v for k, v in own['config'].items() if k != 'out'}
+        a, b = (torch.load(d / 'last.pt', weights_only=True) for d in (cell, tmp_path / cell.name))
+        assert set(a) == set(b) == CKPT_KEYS and set(a['model']) == set(b['model']) == {'head.weight', 'head.bias'}
+        for k in b['model']:
+            torch.testing.assert_close(a['model'][k], b['model'][k], atol=1e-5, rtol=0)
+        assert (a['step'], a['epoch']) == (b['step'], b['epoch'])
+        ma, mb = read_metrics(cell), read_metrics(tmp_path / cell.name)
+        assert [m['eval_accuracy'] for m in ma] == [m['eval_accuracy'] for m in mb]
+        assert [m['train_loss'] for m in ma] == pytest.approx([m['train_loss'] for m in mb], abs=1e-5)
+        assert eval_py.main(['--run', str(cell), '--workers', '0']) == res['accuracy']  # an ordinary run directory
+
+
+def test_linear_grid_refusals(tmp_path):
+    with pytest.raises(SystemExit):
+        train.parse_args(['--method', 'vpt', '--data', 'digits', '--lr', '0.1,0.2'])  # grids: --method linear only
+    with pytest.raises(RunError, match="one process without --resume, --accum"):
+        train.main(LINEAR_GRID + ['--lr', '0.1,0.2', '--accum', '2', '--out', str(tmp_path / 'g')])
+    train.main(LINEAR_GRID + ['--lr', '0.1', '--wd', '0,0.01', '--epochs', '1', '--out', str(tmp_path / 'g')])
+    with pytest.raises(RunError, match=r"lr0.1_wd0 already holds a finished run"):
+        train.main(LINEAR_GRID + ['--lr', '0.1', '--wd', '0,0.01', '--epochs', '1', '--out', str(tmp_path / 'g')])
