@@ -227,7 +227,7 @@ def grid_of(args, extra):
 
 
 def cell_name(lr, wd, prompts):
-    return f"lr{lr:g}_wd{wd:g}" + ('' if prompts is None else f"_p{prompts}")
+    return train.cell_name(lr, wd) + ('' if prompts is None else f"_p{prompts}")
 
 
 def choose(cells):
@@ -249,14 +249,7 @@ class Cell:
         self.dir = os.path.join(spec['out'], name, 'val' if phase == 1 else 'test', key)
         self.log = os.path.join(self.dir, 'train.log')
         self.failed_path = os.path.join(self.dir, 'sweep_failed.txt')
-        self.args = ['--method', spec['method'], '--arch', spec['arch'], '--pretrain', spec['pretrain'],
-                     '--img-size', str(spec['img_size']), '--data', name,
-                     '--eval-split', 'val' if phase == 1 else 'test', '--lr', repr(lr), '--wd', repr(wd),
-                     '--seed', str(seed), '--out', self.dir]
-        self.args += ['--prompts', str(prompts)] if prompts is not None else []
-        self.args += ['--weights', spec['weights']] if spec['weights'] else []
-        self.args += ['--data-root', spec['data_root']] if spec['data_root'] else []
-        self.args += spec['extra']
+        self.args = train_args(spec, name, phase, repr(lr), repr(wd), prompts, seed, self.dir)
 
     def result(self):
         path = os.path.join(self.dir, 'result.json')
@@ -297,9 +290,51 @@ class Cell:
             return 'failed'
         return 'left'
 
+    def failure(self):
+        with open(self.failed_path) as f:
+            return f.read().strip()  # "exit status N; log: PATH"
+
     def command(self):
         resume = ['--resume'] if os.path.isfile(os.path.join(self.dir, 'last.pt')) else []
         return [sys.executable, TRAIN_PY] + self.args + resume
+
+
+def train_args(spec, name, phase, lr, wd, prompts, seed, out):
+    """train.py's flags for a run of this sweep (lr, wd: strings)."""
+    args = ['--method', spec['method'], '--arch', spec['arch'], '--pretrain', spec['pretrain'],
+            '--img-size', str(spec['img_size']), '--data', name, '--eval-split', 'val' if phase == 1 else 'test',
+            '--lr', lr, '--wd', wd, '--seed', str(seed), '--out', out]
+    args += ['--prompts', str(prompts)] if prompts is not None else []
+    args += ['--weights', spec['weights']] if spec['weights'] else []
+    args += ['--data-root', spec['data_root']] if spec['data_root'] else []
+    return args + spec['extra']
+
+
+class LinearGrid:
+    """Phase 1 of `linear` on one dataset as ONE train.py process: train.py trains every (lr, wd) head on one
+    stream of backbone features and writes each cell's ordinary run directory under DIR/<data>/val/."""
+
+    def __init__(self, spec, name, cells):
+        self.data, self.key, self.cells = name, 'grid', cells
+        self.dir = os.path.join(spec['out'], name, 'val')
+        self.log = os.path.join(self.dir, 'grid.log')
+        self.failed_path = os.path.join(self.dir, 'grid_failed.txt')
+        lrs = ','.join(dict.fromkeys(repr(c.lr) for c in cells))
+        wds = ','.join(dict.fromkeys(repr(c.wd) for c in cells))
+        self.args = train_args(spec, name, 1, lrs, wds, None, cells[0].seed, self.dir)
+
+    def command(self):
+        return [sys.executable, TRAIN_PY] + self.args
+
+
+def phase1_tasks(spec, name):
+    """The unfinished phase-1 cells of a dataset; for `linear` one LinearGrid when no cell has started yet."""
+    cells = phase1_cells(spec, name)
+    todo = [c for c in cells if c.status() != 'done']
+    fresh = all(c.result() is None and not os.path.exists(os.path.join(c.dir, 'last.pt')) for c in cells)
+    if spec['method'] == 'linear' and len(cells) > 1 and fresh:
+        return [LinearGrid(spec, name, cells)]
+    return todo
 
 
 def intended_config(argv):
@@ -424,17 +459,14 @@ def execute(spec, launcher):
     names = spec['data']
     n_total = len(names) * (len(spec['grid']) + len(spec['seeds']))
     started_p2, running, failed, durations = set(), {}, [], []
-    queue = []
-    for name in names:
-        for cell in phase1_cells(spec, name):
-            if cell.status() != 'done':
-                queue.append(cell)
+    queue = [task for name in names for task in phase1_tasks(spec, name)]
     t_start = time.time()
 
     def counts():
         done = sum(1 for name in names for c in phase1_cells(spec, name) + phase2_cells(spec, name)
                    if c.status() == 'done')
-        return done, len(running), len(failed), n_total - done - len(running) - len(failed)
+        n_run = sum(len(getattr(task, 'cells', [task])) for task, _, _ in running.values())
+        return done, n_run, len(failed), n_total - done - n_run - len(failed)
 
     n_done_before = counts()[0]
 
@@ -466,20 +498,23 @@ def execute(spec, launcher):
                 if rc is None:
                     continue
                 del running[key]
-                res = cell.result()
-                if rc == 0 and res is not None:
-                    durations.append(time.time() - t0)
-                    what = f"{res['eval_split']} {res['accuracy']:.2f}%"
-                else:
-                    failed.append(cell)
-                    with open(cell.failed_path, 'w') as f:
-                        f.write(f"exit status {rc}; log: {cell.log}\n")
-                    what = f"FAILED (exit status {rc}), log {cell.log}"
-                done, n_run, n_fail, left = counts()
-                eta = (sum(durations) / len(durations) * (left + n_run / 2) / launcher.capacity
-                       if durations and launcher.capacity < 10**9 else None)
-                print(f"[{done} done, {n_run} running, {n_fail} failed, {left} left | elapsed "
-                      f"{hms(time.time() - t_start)}, eta {hms(eta)}] {cell.data} {cell.key}: {what}", flush=True)
+                durations.append(time.time() - t0)
+                for c in getattr(cell, 'cells', [cell]):  # a LinearGrid reports each of its cells
+                    res = c.result()
+                    if rc == 0 and res is not None:
+                        what = f"{res['eval_split']} {res['accuracy']:.2f}%"
+                    else:
+                        failed.append(c)
+                        os.makedirs(c.dir, exist_ok=True)
+                        with open(c.failed_path, 'w') as f:
+                            f.write(f"exit status {rc}; log: {cell.log}\n")
+                        c.log = cell.log
+                        what = f"FAILED (exit status {rc}), log {cell.log}"
+                    done, n_run, n_fail, left = counts()
+                    eta = (sum(durations) / len(durations) * (left + n_run / 2) / launcher.capacity
+                           if launcher.capacity < 10**9 else None)
+                    print(f"[{done} done, {n_run} running, {n_fail} failed, {left} left | elapsed "
+                          f"{hms(time.time() - t_start)}, eta {hms(eta)}] {c.data} {c.key}: {what}", flush=True)
     except (KeyboardInterrupt, SweepError) as e:  # stop the running cells; a rerun resumes them
         for cell, handle, _ in running.values():
             launcher.stop(handle)
@@ -492,11 +527,10 @@ def execute(spec, launcher):
 
 def print_commands(spec):
     for name in spec['data']:
-        cells = phase1_cells(spec, name) + phase2_cells(spec, name)
-        for cell in cells:
-            if cell.status() != 'done':
-                os.makedirs(cell.dir, exist_ok=True)
-                print(shlex.join(cell.command()) + ' > ' + shlex.quote(cell.log) + ' 2>&1')
+        tasks = phase1_tasks(spec, name) + [c for c in phase2_cells(spec, name) if c.status() != 'done']
+        for task in tasks:
+            os.makedirs(task.dir, exist_ok=True)
+            print(shlex.join(task.command()) + ' > ' + shlex.quote(task.log) + ' 2>&1')
 
 
 # -----------------------------------------------------------------------------
@@ -516,12 +550,16 @@ def dry_run(spec):
     test_cfg = intended_config(Cell(spec, 'digits', 2, lr, wd, p, 0, '').args)
     epochs, every = val_cfg['epochs'], test_cfg['eval_every']
     cells, seeds = len(spec['grid']), len(spec['seeds'])
-    p1 = p2 = vpt2 = 0
+    p1 = p2 = vpt1 = vpt2 = 0
     for name in spec['data']:
         tune, val, final, test = split_sizes(name)
-        p1 += cells * passes(tune, val, epochs, val_cfg['eval_every'])
+        if spec['method'] == 'linear' and cells > 1:  # one process, one backbone forward per image for all cells
+            p1 += tune + val if name not in data.FGVC else passes(tune, val, epochs, val_cfg['eval_every'])
+        else:
+            p1 += cells * passes(tune, val, epochs, val_cfg['eval_every'])
         p2 += seeds * passes(final, test, epochs, every)
         vpt2 += seeds * passes(final, test, epochs, 1)  # VPT evaluates the test set every epoch
+        vpt1 += cells * passes(tune, val, epochs, 1)  # and runs every cell on its own
     n = len(spec['data'])
     print(f"{spec['method']} on {n} datasets, {epochs} epochs per run (image passes = training images x epochs + "
           f"evaluated images):")
@@ -529,8 +567,8 @@ def dry_run(spec):
     print(f"  phase 2 (seeds on test): {n * seeds:6d} runs  {p2:15,d} image passes (test evaluated "
           f"{'once per run' if every >= epochs else f'every {every} epochs'})")
     print(f"  total:                   {n * (cells + seeds):6d} runs  {p1 + p2:15,d} image passes; VPT's protocol "
-          f"(test every epoch): {p1 + vpt2:,d}, ours / VPT's = {(p1 + p2) / (p1 + vpt2):.2f}")
-    return dict(runs=n * (cells + seeds), phase1=p1, phase2=p2, vpt=p1 + vpt2)
+          f"(test every epoch): {vpt1 + vpt2:,d}, ours / VPT's = {(p1 + p2) / (vpt1 + vpt2):.2f}")
+    return dict(runs=n * (cells + seeds), phase1=p1, phase2=p2, vpt=vpt1 + vpt2)
 
 
 # -----------------------------------------------------------------------------
@@ -553,9 +591,9 @@ def report(out):
         row = dict(data=name, lr=None, wd=None, prompts=None, val_accuracy=None, seeds=[], test_accuracies=[],
                    mean=None, std=None, n=0, tuned_params=None, paper=paper.get(name), delta=None)
         if best is None:
-            failed = [c.log for c, s in zip(cells, statuses) if s == 'failed']
+            failed = [c.failure() for c, s in zip(cells, statuses) if s == 'failed']
             row['status'] = (f"phase 1: {statuses.count('done')} of {len(cells)} cells done"
-                             + (f", {len(failed)} failed (logs: {', '.join(failed)})" if failed else ''))
+                             + (f", {len(failed)} failed ({'; '.join(failed)})" if failed else ''))
         else:
             row.update(lr=best[0], wd=best[1], prompts=best[2], val_accuracy=best[3])
             done = []
@@ -569,9 +607,9 @@ def report(out):
             row['mean'] = mean_or_none(row['test_accuracies'])
             row['std'] = statistics.stdev(row['test_accuracies']) if len(done) >= 2 else None
             row['tuned_params'] = (done[0][1] if done else cells[0].result())['tuned_params']
-            failed = [c.log for c in phase2_cells(spec, name) if c.status() == 'failed']
+            failed = [c.failure() for c in phase2_cells(spec, name) if c.status() == 'failed']
             row['status'] = (f"{len(done)} of {len(spec['seeds'])} seeds done"
-                             + (f", {len(failed)} failed (logs: {', '.join(failed)})" if failed else ''))
+                             + (f", {len(failed)} failed ({'; '.join(failed)})" if failed else ''))
         if row['mean'] is not None and row['paper'] is not None:
             row['delta'] = row['mean'] - row['paper']
         rows.append(row)
@@ -597,6 +635,12 @@ def fmt(v, spec='.2f'):
     return '—' if v is None else format(v, spec)
 
 
+def prompts_shown(spec, row):
+    if row['prompts'] is None:
+        return '—' if row['lr'] is None or spec['method'] in ('linear', 'full') else "method's"
+    return str(row['prompts'])
+
+
 def markdown(spec, result):
     src = f" ({result['paper_source']})" if result['paper_source'] else ' (no published number for this pair)'
     lines = [f"# {spec['method']}, {spec['pretrain']} ({spec['arch']})", '',
@@ -607,7 +651,7 @@ def markdown(spec, result):
     for r in result['rows']:
         test = '—' if r['mean'] is None else fmt(r['mean']) + ('' if r['std'] is None else f" ± {r['std']:.2f}")
         lines.append(f"| {r['data']} | {fmt(r['lr'], 'g')} | {fmt(r['wd'], 'g')} | "
-                     f"{'default' if r['prompts'] is None and r['lr'] is not None else fmt(r['prompts'], 'd')} | "
+                     f"{prompts_shown(spec, r)} | "
                      f"{fmt(r['val_accuracy'])} | {test} | {r['n']} | {fmt(r['tuned_params'], ',d')} | "
                      f"{fmt(r['paper'])} | {fmt(r['delta'], '+.2f')} | {r['status']} |")
     if result['groups']:

@@ -51,6 +51,8 @@ def sweeps(tmp_path_factory):
         'failing': TINY + ['--data', 'digits', '--lr', 'nan,0.1', '--wd', '0', '--seeds', '0'] + FIXED,
         'submitit': TINY + ['--data', 'digits', '--lr', '0.1', '--wd', '0', '--seeds', '3', '--launcher',
                             'submitit-local'] + FIXED,
+        'linear': ['--method', 'linear'] + TINY[2:-2] + ['--data', 'digits', '--lr', '0.5,0.1', '--wd', '0,0.001',
+                                                       '--seeds', '0'] + FIXED,
         'vtab': TINY + ['--data', 'vtab-eurosat', '--data-root', str(vtab), '--lr', '0.1', '--wd', '0', '--seeds',
                         '0'] + FIXED,
     }
@@ -230,3 +232,19 @@ def test_submitit_local_launcher(sweeps):
     assert row['n'] == 1 and row['test_accuracies'] == [read(out / 'digits' / 'test' / 'seed3' / 'result.json')
                                                         ['accuracy']]
     assert any((out / 'submitit').iterdir())
+
+
+def test_linear_phase1_is_one_process(sweeps):
+    """linear's grid runs as one train.py process per dataset (one backbone forward per image), into the same
+    ordinary cell directories the other methods get."""
+    out, proc = sweeps['linear']
+    rc, stdout, stderr = finish(proc)
+    assert rc == 0, stderr
+    val = out / 'digits' / 'val'
+    assert 'features cached' in (val / 'grid.log').read_text()
+    cells = {p.parent.name: read(p) for p in val.glob('*/result.json')}
+    assert set(cells) == {'lr0.5_wd0', 'lr0.1_wd0', 'lr0.5_wd0.001', 'lr0.1_wd0.001'}
+    assert all(r['features'] == 'cached' and not (val / n / 'train.log').exists() for n, r in cells.items())
+    (row,) = read(out / 'results.json')['rows']
+    best = sweep.choose([(r['config']['lr'], r['config']['wd'], None, r['accuracy']) for r in cells.values()])
+    assert (row['lr'], row['wd'], row['val_accuracy'], row['n']) == (best[0], best[1], best[3], 1)

@@ -405,3 +405,21 @@ def test_linear_grid_refusals(tmp_path):
     train.main(LINEAR_GRID + ['--lr', '0.1', '--wd', '0,0.01', '--epochs', '1', '--out', str(tmp_path / 'g')])
     with pytest.raises(RunError, match=r"lr0.1_wd0 already holds a finished run"):
         train.main(LINEAR_GRID + ['--lr', '0.1', '--wd', '0,0.01', '--epochs', '1', '--out', str(tmp_path / 'g')])
+
+
+def test_linear_grid_with_augmentation_equals_separate_runs(tmp_path, monkeypatch):
+    """FGVC (random crop and flip): features recomputed per batch, shared by the heads; still the separate runs'."""
+    from test_data import make_fgvc
+    make_fgvc(tmp_path / 'data', 'dogs')
+    monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')  # the fixture holds 3 of the 120 classes
+    args = [a if a != 'digits' else 'dogs' for a in LINEAR_GRID] + ['--data-root', str(tmp_path / 'data'),
+                                                                   '--batch-size', '2']
+    results = train.main(args + ['--lr', '0.5,0.05', '--out', str(tmp_path / 'grid')])
+    for res in results:
+        lr = res['config']['lr']
+        own = train.main(args + ['--lr', str(lr), '--out', str(tmp_path / f'own{lr}')])
+        assert res['features'] == 'per batch' and res['accuracy'] == own['accuracy']
+        a = torch.load(tmp_path / 'grid' / f'lr{lr:g}_wd0' / 'last.pt', weights_only=True)['model']
+        b = torch.load(tmp_path / f'own{lr}' / 'last.pt', weights_only=True)['model']
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
