@@ -133,3 +133,10 @@ def test_json_mode(capsys):
 def test_bad_arguments():
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         bench.parse_args(['--methods', 'vpt,nope'])
+
+
+def test_linear_grid_row(capsys):
+    (row,) = bench.main(['--linear-grid', '--iters', '1', '--warmup', '0', '--grid-epochs', '1', '--json'])
+    assert (row['forwards_separate'], row['forwards_grid']) == (8 * 1 * (800 + 200), 800 + 200)
+    assert row['grid_s'] > 0 and row['separate_s'] > 0 and math.isfinite(row['ratio'])
+    assert json.loads(capsys.readouterr().out) == [row]

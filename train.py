@@ -422,6 +422,26 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def loaders(cfg, micro, distributed):
+    """(train split, eval split, train loader, eval loader, dataset options) of a run; micro = per-process batch."""
+    train_split, eval_split = data.split_names(cfg['data'], cfg['eval_split'])
+    ds_kw = dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'])
+    train_ds = data.build_dataset(cfg['data'], train_split, train=True, **ds_kw)
+    eval_ds = data.build_dataset(cfg['data'], eval_split, train=False, **ds_kw)
+    train_loader = data.build_loader(train_ds, micro, train=True, workers=cfg['workers'], distributed=distributed,
+                                     seed=cfg['seed'])
+    eval_loader = data.build_loader(eval_ds, micro, train=False, workers=cfg['workers'], distributed=distributed)
+    return train_split, eval_split, train_loader, eval_loader, ds_kw
+
+
+def schedule(cfg, train_loader):
+    """(optimizer steps per epoch, total steps, warmup steps); --max-steps-per-epoch caps the first."""
+    steps_per_epoch = math.ceil(len(train_loader) / cfg['accum'])
+    if cfg['max_steps_per_epoch']:
+        steps_per_epoch = min(steps_per_epoch, cfg['max_steps_per_epoch'])
+    return steps_per_epoch, cfg['epochs'] * steps_per_epoch, round(cfg['warmup_epochs'] * steps_per_epoch)
+
+
 def claim_run_dir(out, overwrite, remove=True):
     """A fresh start in `out`: refused when it holds a run, unless --overwrite (then its run files go)."""
     ckpt_path, result_path = os.path.join(out, 'last.pt'), os.path.join(out, 'result.json')
@@ -479,19 +499,9 @@ def run(argv, rank, world, device):
     total = sum(p.numel() for p in model.parameters())
 
     # ---- data
-    train_split, eval_split = data.split_names(cfg['data'], cfg['eval_split'])
-    ds_kw = dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'])
-    train_ds = data.build_dataset(cfg['data'], train_split, train=True, **ds_kw)
-    eval_ds = data.build_dataset(cfg['data'], eval_split, train=False, **ds_kw)
     distributed = world > 1
-    train_loader = data.build_loader(train_ds, micro, train=True, workers=cfg['workers'], distributed=distributed,
-                                     seed=cfg['seed'])
-    eval_loader = data.build_loader(eval_ds, micro, train=False, workers=cfg['workers'], distributed=distributed)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg['accum'])
-    if cfg['max_steps_per_epoch']:
-        steps_per_epoch = min(steps_per_epoch, cfg['max_steps_per_epoch'])
-    total_steps = cfg['epochs'] * steps_per_epoch
-    warmup_steps = round(cfg['warmup_epochs'] * steps_per_epoch)
+    train_split, eval_split, train_loader, eval_loader, ds_kw = loaders(cfg, micro, distributed)
+    steps_per_epoch, total_steps, warmup_steps = schedule(cfg, train_loader)
 
     # ---- optimizer, AMP, and the starting point
     opt = make_optimizer(model, cfg)
@@ -650,17 +660,9 @@ def run_grid(cfg, world, device, log):
     identity = model.backbone.identity
     tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    train_split, eval_split = data.split_names(cfg['data'], cfg['eval_split'])
-    ds_kw = dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'])
-    train_ds = data.build_dataset(cfg['data'], train_split, train=True, **ds_kw)
-    eval_ds = data.build_dataset(cfg['data'], eval_split, train=False, **ds_kw)
-    train_loader = data.build_loader(train_ds, micro, train=True, workers=cfg['workers'], seed=cfg['seed'])
-    eval_loader = data.build_loader(eval_ds, micro, train=False, workers=cfg['workers'])
-    steps_per_epoch = len(train_loader)
-    if cfg['max_steps_per_epoch']:
-        steps_per_epoch = min(steps_per_epoch, cfg['max_steps_per_epoch'])
-    total_steps = cfg['epochs'] * steps_per_epoch
-    warmup_steps = round(cfg['warmup_epochs'] * steps_per_epoch)
+    train_split, eval_split, train_loader, eval_loader, _ = loaders(cfg, micro, distributed=False)
+    train_ds, eval_ds = train_loader.dataset, eval_loader.dataset
+    steps_per_epoch, total_steps, warmup_steps = schedule(cfg, train_loader)
     dtype = amp_dtype(cfg['amp'], device)
     heads = []  # per cell: a module holding `head` (parameter names as in the model: head.weight, head.bias)
     for c in cells:
