@@ -3,6 +3,7 @@ Train a prompt-tuning method (or a baseline) on a frozen ViT: one readable loop,
 
     python train.py --method vpt --pretrain in21k --data cub                  # VPT's recipe, nothing else
     torchrun --nproc_per_node=4 train.py --method sa2vp --data cub            # same global batch of 64
+    python train.py --method linear --data vtab-dtd --lr 12.5,2.5,0.5 --wd 0.01,0   # a grid in one pass (run_grid)
 
 Every knob is a flag; the per-method defaults are the papers' recipes (RECIPES below, SPEC §4) and
 `--help` shows them. The loop: per-step linear warmup then cosine, SGD or AdamW with absolute learning
