@@ -501,8 +501,8 @@ def linear_grid(args):
     if args.json:
         print(json.dumps([row], indent=1))
     else:
-        print('| arm | one pass s | one run per cell s | separate / one pass | backbone forwards, separate / one pass |\n'
-              '|---|--:|--:|--:|--:|\n'
+        print('| arm | one pass s | one run per cell s | separate / one pass '
+              '| backbone forwards, separate / one pass |\n|---|--:|--:|--:|--:|\n'
               f"| {row['arm']} | {row['grid_s']:.2f} | {row['separate_s']:.2f} | {ratio:.2f} | "
               f"{row['forwards_separate']:,} / {row['forwards_grid']:,} |")
     return [row]
