@@ -134,6 +134,9 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, default=None, help="torch threads for this run (None: torch's own)")
     p.add_argument('--seed', type=int, default=0, help='seeds the random backbone and inputs')
     p.add_argument('--json', action='store_true', help='print a JSON list of dicts to stdout instead of the table')
+    p.add_argument('--linear-grid', action='store_true', help="instead: the linear-probe grid in one pass vs one run "
+                   "per cell (8 cells on digits, vit_micro_patch8, --iters rounds); see linear_grid()")
+    p.add_argument('--grid-epochs', type=int, default=3, help='epochs of each --linear-grid run')
     args = p.parse_args(argv)
     args.prompts = sorted({int(v) for v in args.prompts.split(',') if v.strip()})
     args.methods = [m.strip() for m in args.methods.split(',') if m.strip()]
@@ -638,8 +641,55 @@ def markdown(rows, meta):
     return '\n'.join(lines)
 
 
+def linear_grid(args):
+    """The linear-probe grid trained in one pass (train.py with comma lists of --lr / --wd: one backbone forward per
+    image, features cached, since digits has no augmentation) vs one train.py run per cell, 8 cells (lr 4 x wd 2),
+    digits, a random vit_micro_patch8 at 16 px, --grid-epochs epochs, in-process train.main calls. Each round runs
+    both arms (the order alternates); the ratio is the median of the per-round ratios. Also the backbone forwards
+    each arm needs, counted: per cell epochs x (800 train + 200 val) for separate runs, 800 + 200 once for the grid."""
+    import io
+    import tempfile
+
+    import train
+    lrs, wds = [0.5, 0.2, 0.1, 0.05], [0.0, 0.001]
+    common = ['--method', 'linear', '--arch', 'vit_micro_patch8', '--pretrain', 'none', '--data', 'digits',
+              '--img-size', '16', '--epochs', str(args.grid_epochs), '--batch-size', '32', '--warmup-epochs', '0',
+              '--workers', '0', '--log-interval', '0']
+    times = {'grid': [], 'separate': []}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        for r in range(args.warmup + args.iters):
+            arms = ['grid', 'separate'] if r % 2 == 0 else ['separate', 'grid']
+            for arm in arms:
+                t0 = time.perf_counter()
+                if arm == 'grid':
+                    train.main(common + ['--lr', ','.join(map(str, lrs)), '--wd', ','.join(map(str, wds)),
+                                         '--out', os.path.join(tmp, f'{r}-grid')])
+                else:
+                    for lr in lrs:
+                        for wd in wds:
+                            train.main(common + ['--lr', str(lr), '--wd', str(wd),
+                                                 '--out', os.path.join(tmp, f'{r}-lr{lr}-wd{wd}')])
+                if r >= args.warmup:
+                    times[arm].append(time.perf_counter() - t0)
+    ratio = statistics.median(s / g for s, g in zip(times['separate'], times['grid']))
+    cells = len(lrs) * len(wds)
+    row = dict(arm=f'linear grid, {cells} cells (digits, vit_micro_patch8, {args.grid_epochs} epochs)',
+               grid_s=statistics.median(times['grid']), separate_s=statistics.median(times['separate']), ratio=ratio,
+               forwards_separate=cells * args.grid_epochs * (800 + 200), forwards_grid=800 + 200)
+    if args.json:
+        print(json.dumps([row], indent=1))
+    else:
+        print('| arm | one pass s | one run per cell s | separate / one pass '
+              '| backbone forwards, separate / one pass |\n|---|--:|--:|--:|--:|\n'
+              f"| {row['arm']} | {row['grid_s']:.2f} | {row['separate_s']:.2f} | {ratio:.2f} | "
+              f"{row['forwards_separate']:,} / {row['forwards_grid']:,} |")
+    return [row]
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.linear_grid:
+        return linear_grid(args)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

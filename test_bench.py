@@ -215,3 +215,10 @@ def test_device_and_amp_follow_train_py(capsys):
                           '--methods', 'linear', '--prompts', '2', '--threads', '1', '--device', 'cpu', '--json'])
     capsys.readouterr()
     assert results[0]['device'] == 'cpu' and results[0]['amp'] == 'none'  # auto: fp32 on the CPU, as train.py
+
+
+def test_linear_grid_row(capsys):
+    (row,) = bench.main(['--linear-grid', '--iters', '1', '--warmup', '0', '--grid-epochs', '1', '--json'])
+    assert (row['forwards_separate'], row['forwards_grid']) == (8 * 1 * (800 + 200), 800 + 200)
+    assert row['grid_s'] > 0 and row['separate_s'] > 0 and math.isfinite(row['ratio'])
+    assert json.loads(capsys.readouterr().out) == [row]

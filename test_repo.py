@@ -5,7 +5,7 @@ Every text file git tracks (or would: untracked files that are not ignored) is s
   under a `reference` folder: neither is in the repository;
 - every path-like mention ending in .md, .py or .txt. It must be a tracked file (README.md, train.py,
   requirements.txt, test_*.py), or a VTAB-1k split file of the user's data folder (train800.txt, ...),
-  or belong to a named external source: the path comes after one of EXTERNAL (an official repository
+  or a file one of the project's scripts writes (OUTPUT_FILES, by exact name), or belong to a named external source: the path comes after one of EXTERNAL (an official repository
   as owner/name) in the same sentence, or right after one of SHORT ("SA²VP's datasets.py"), or lies
   inside an installed package ("timm/models/vision_transformer.py"). A .md file must be tracked or
   follow an owner/name: a short name is not enough there, so no private note passes as "VPT's notes".
@@ -29,6 +29,8 @@ SHORT = ('VPT', 'SPT', 'SA²VP', 'SA2VP', 'GaPT', 'NOAH', 'MAE', 'MoCo v3', 'nan
 PACKAGES = ('timm',)
 # files of the user's data folder, not of this repository (data.py's VTAB-1k layout)
 DATA_FILES = {'train800.txt', 'val200.txt', 'train800val200.txt', 'test.txt'}
+# files the project's scripts write (sweep.py's report and failure lists, a saved --print-commands): by exact name
+OUTPUT_FILES = {'results.md', 'sweep_failed.txt', 'grid_failed.txt', 'cmds.txt'}
 
 PRIVATE = [(re.compile(r'\bS[P]EC\b'), "cites the private decision sheet; cite the paper or the official code"),
            (re.compile(r'\breference[/\\]', re.I), "points into a reference folder that is not in the repository")]
@@ -92,7 +94,7 @@ def violations(text, files):
     for m in PATH.finditer(scan):
         path = m.group(1)
         name = path.rsplit('/', 1)[-1]
-        if path in files or path.removeprefix('./') in files or name in DATA_FILES:
+        if path in files or path.removeprefix('./') in files or name in DATA_FILES | OUTPUT_FILES:
             continue
         if any(c in path for c in '*<{') and (any(template_regex(path).match(f) for f in files)
                                               or any(template_regex(name).match(f) for f in DATA_FILES)):
@@ -134,6 +136,8 @@ def test_no_citation_of_files_outside_the_repository():
     ('vtab-1k/<task>/train800val200' + '.txt', False),
     ('vtab-1k/<task>/{train800,val200,test}' + '.txt', False),
     ('notes/*' + '.md', True),
+    ('the report in DIR/results' + '.md', False),                  # a file sweep.py writes
+    ('see my_results' + '.md', True),
     ('https://example.org/notes' + '.md', False),
 ])
 def test_the_rule_itself(text, bad):

@@ -50,7 +50,7 @@ def weights_files(tmp_path):
     torch.manual_seed(2)
     torch.save(models.create_backbone('vit_nano_patch8', img_size=16).state_dict(), tmp_path / 'b.pth')
     return a, tmp_path / 'b.pth'
-CKPT_KEYS = {'model', 'optimizer', 'scaler', 'step', 'epoch', 'rng', 'args', 'identity', 'method'}
+CKPT_KEYS = {'model', 'optimizer', 'scaler', 'step', 'epoch', 'rng', 'args', 'identity', 'method', 'wall_time_s'}
 METRIC_KEYS = {'epoch', 'train_loss', 'accuracy', 'eval_split', 'lr', 'images_per_s', 'peak_mem_mb', 'time'}
 RESULT_KEYS = {'method', 'data', 'eval_split', 'accuracy', 'tuned_params', 'total_params', 'epochs', 'config',
                'arch', 'pretrain', 'seed', 'wall_time_s', 'device', 'torch', 'timm', 'python', 'git_commit'}
@@ -204,7 +204,7 @@ def test_every_method_trains(trained, method):
     lr = float(given[given.index('--lr') + 1]) if '--lr' in given else methods.METHODS[method].recipe['lr']
     assert result['config']['backbone_identity'] == 'random' and result['config']['lr'] == lr
     ckpt = torch.load(out / 'last.pt', map_location='cpu', weights_only=True)
-    assert CKPT_KEYS <= set(ckpt) and (ckpt['epoch'], ckpt['step']) == (3, 36)
+    assert CKPT_KEYS == set(ckpt) and (ckpt['epoch'], ckpt['step']) == (3, 36)
     # last.pt holds exactly the tuned tensors, and is small (tensors + optimizer state + a few kB)
     model, _ = train.build(dict(ckpt['args']), torch.device('cpu'))
     assert set(ckpt['model']) == train.tuned_names(model)
@@ -272,7 +272,7 @@ def test_decoded_cache_trains_bit_identically(tmp_path, monkeypatch):
     plain = train.main(args + ['--out', str(tmp_path / 'plain')])
     cached = train.main(args + ['--decoded-cache', '--out', str(tmp_path / 'cached')])
     assert cached['config']['decoded_cache'] and not plain['config']['decoded_cache']
-    strip = lambda rows: [(r['train_loss'], r['eval_accuracy']) for r in rows]  # noqa: E731
+    strip = lambda rows: [(r['train_loss'], r['accuracy']) for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / 'cached')) == strip(read_metrics(tmp_path / 'plain'))
     a, b = (torch.load(tmp_path / d / 'last.pt', weights_only=True)['model'] for d in ('plain', 'cached'))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -644,3 +644,75 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
     assert torch.load(out / 'last.pt', weights_only=True)['epoch'] == saved
     assert train.main(['--resume', '--out', str(out), '--stop-after-epoch', str(saved + 1)]) is None  # it continues
     assert torch.load(out / 'last.pt', weights_only=True)['epoch'] == saved + 1
+
+
+def test_test_split_is_evaluated_once(tmp_path):
+    """--eval-split test evaluates after the last epoch only; an explicit --eval-every still wins; val every epoch."""
+    base = TINY + ['--method', 'linear', '--epochs', '3', '--max-steps-per-epoch', '2', '--batch-size', '32']
+    for name, extra, evaluated in (('test', ['--eval-split', 'test'], [3]),
+                                   ('test-every', ['--eval-split', 'test', '--eval-every', '1'], [1, 2, 3]),
+                                   ('val', [], [1, 2, 3])):
+        result = train.main(base + extra + ['--out', str(tmp_path / name)])
+        rows = read_metrics(tmp_path / name)
+        assert [r['epoch'] for r in rows if r['accuracy'] is not None] == evaluated, name
+        assert rows[-1]['accuracy'] == result['accuracy']
+    assert result['config']['eval_every'] == 1
+    with open(tmp_path / 'test' / 'result.json') as f:
+        assert json.load(f)['config']['eval_every'] == 3
+
+
+LINEAR_GRID = TINY + ['--method', 'linear', '--epochs', '2', '--max-steps-per-epoch', '5', '--batch-size', '32',
+                      '--warmup-epochs', '0.5']
+
+
+def test_linear_grid_equals_separate_runs(tmp_path):
+    """A 2 x 2 (lr, wd) linear grid in one pass (cached features) ends every cell with the head, metrics and
+    accuracy of the cell's own separate run (same seed), and writes ordinary run directories."""
+    results = train.main(LINEAR_GRID + ['--lr', '0.5,0.05', '--wd', '0,0.01', '--out', str(tmp_path / 'grid')])
+    assert [(r['config']['lr'], r['config']['wd']) for r in results] == [(0.5, 0), (0.05, 0), (0.5, 0.01),
+                                                                         (0.05, 0.01)]
+    for res in results:
+        lr, wd = res['config']['lr'], res['config']['wd']
+        cell = tmp_path / 'grid' / f'lr{lr:g}_wd{wd:g}'
+        own = train.main(LINEAR_GRID + ['--lr', str(lr), '--wd', str(wd), '--out', str(tmp_path / cell.name)])
+        assert res['features'] == 'cached' and set(res) == set(own) | {'features'}
+        assert res['accuracy'] == own['accuracy']
+        assert {k: v for k, v in res['config'].items() if k not in ('out', 'grid_features')} == \
+            {k: v for k, v in own['config'].items() if k != 'out'}
+        a, b = (torch.load(d / 'last.pt', weights_only=True) for d in (cell, tmp_path / cell.name))
+        assert set(a) == set(b) == CKPT_KEYS and set(a['model']) == set(b['model']) == {'head.weight', 'head.bias'}
+        for k in b['model']:
+            torch.testing.assert_close(a['model'][k], b['model'][k], atol=1e-5, rtol=0)
+        assert (a['step'], a['epoch']) == (b['step'], b['epoch'])
+        ma, mb = read_metrics(cell), read_metrics(tmp_path / cell.name)
+        assert [m['accuracy'] for m in ma] == [m['accuracy'] for m in mb]
+        assert [m['train_loss'] for m in ma] == pytest.approx([m['train_loss'] for m in mb], abs=1e-5)
+        assert eval_py.main(['--run', str(cell), '--workers', '0']) == res['accuracy']  # an ordinary run directory
+
+
+def test_linear_grid_refusals(tmp_path):
+    with pytest.raises(SystemExit):
+        train.parse_args(['--method', 'vpt', '--data', 'digits', '--lr', '0.1,0.2'])  # grids: --method linear only
+    with pytest.raises(RunError, match="one process without --resume, --accum"):
+        train.main(LINEAR_GRID + ['--lr', '0.1,0.2', '--accum', '2', '--out', str(tmp_path / 'g')])
+    train.main(LINEAR_GRID + ['--lr', '0.1', '--wd', '0,0.01', '--epochs', '1', '--out', str(tmp_path / 'g')])
+    with pytest.raises(RunError, match=r"lr0.1_wd0 already holds a finished run"):
+        train.main(LINEAR_GRID + ['--lr', '0.1', '--wd', '0,0.01', '--epochs', '1', '--out', str(tmp_path / 'g')])
+
+
+def test_linear_grid_with_augmentation_equals_separate_runs(tmp_path, monkeypatch):
+    """FGVC (random crop and flip): features recomputed per batch, shared by the heads; still the separate runs'."""
+    from test_data import make_fgvc
+    make_fgvc(tmp_path / 'data', 'dogs')
+    monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')  # the fixture holds 3 of the 120 classes
+    args = [a if a != 'digits' else 'dogs' for a in LINEAR_GRID] + ['--data-root', str(tmp_path / 'data'),
+                                                                   '--batch-size', '2']
+    results = train.main(args + ['--lr', '0.5,0.05', '--out', str(tmp_path / 'grid')])
+    for res in results:
+        lr = res['config']['lr']
+        own = train.main(args + ['--lr', str(lr), '--out', str(tmp_path / f'own{lr}')])
+        assert res['features'] == 'per batch' and res['accuracy'] == own['accuracy']
+        a = torch.load(tmp_path / 'grid' / f'lr{lr:g}_wd0' / 'last.pt', weights_only=True)['model']
+        b = torch.load(tmp_path / f'own{lr}' / 'last.pt', weights_only=True)['model']
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)

@@ -3,6 +3,7 @@ Train a prompt-tuning method (or a baseline) on a frozen ViT: one readable loop,
 
     python train.py --method vpt --pretrain in21k --data cub                  # VPT's recipe, nothing else
     torchrun --nproc_per_node=4 train.py --method sa2vp --data cub            # same global batch of 64
+    python train.py --method linear --data vtab-dtd --lr 12.5,2.5,0.5 --wd 0.01,0   # a grid in one pass (run_grid)
 
 Every knob is a flag; the per-method defaults are the papers' recipes (the `recipe` of each method class in
 methods.py) and `--help` shows them. The loop: per-step linear warmup then cosine, SGD or AdamW with absolute
@@ -30,6 +31,7 @@ environment variable VPT_FORCE_NAN_STEP=k, which multiplies the loss of global s
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -77,6 +80,20 @@ class Interrupted(RunError):
     """Ctrl-C: the CLI prints the message and exits with status 130, as a shell does for SIGINT."""
 
 
+def number_or_list(s):
+    """A number, or a comma list of numbers: a grid, trained in one pass (--method linear only)."""
+    try:
+        values = [float(v) for v in s.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {s!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def cell_name(lr, wd):
+    """The run directory of one (lr, wd) cell of a grid, inside --out (sweep.py names its cells the same way)."""
+    return f"lr{lr:g}_wd{wd:g}"
+
+
 def recipe(key):
     show = lambda v: 'same as --wd' if v is None else v if isinstance(v, str) else format(v, 'g')  # noqa: E731
     values = {show(r[key]) for r in RECIPES.values()}
@@ -106,10 +123,12 @@ def build_parser():
     g.add_argument('--epochs', type=int, default=None, help=recipe('epochs'))
     g.add_argument('--batch-size', type=int, default=None, help="global batch, whatever the number of processes; "
                    + recipe('batch_size'))
-    g.add_argument('--lr', type=float, default=None, help="peak learning rate, absolute (no batch scaling); "
-                   + recipe('lr') + "; the baselines' lr should be tuned on val")
-    g.add_argument('--wd', type=float, default=None, help="weight decay (SGD: all tuned tensors but the head bias; "
-                   "AdamW: not on biases and 1-D tensors); " + recipe('wd'))
+    g.add_argument('--lr', type=number_or_list, default=None, help="peak learning rate, absolute (no batch "
+                   "scaling); " + recipe('lr') + "; the baselines' lr should be tuned on val. --method linear takes a "
+                   "comma list (with --wd: a grid trained in one pass, one run directory per cell in --out)")
+    g.add_argument('--wd', type=number_or_list, default=None, help="weight decay (SGD: all tuned tensors but the "
+                   "head bias; AdamW: not on biases and 1-D tensors); " + recipe('wd') + "; a comma list for "
+                   "--method linear")
     g.add_argument('--wd-head', type=float, default=None, help="weight decay of the head weight; " + recipe('wd_head'))
     g.add_argument('--optimizer', choices=['sgd', 'adamw'], default=None, help=recipe('optimizer'))
     g.add_argument('--momentum', type=float, default=MOMENTUM, help="SGD momentum (default: %(default)s)")
@@ -152,8 +171,9 @@ def build_parser():
     g.add_argument('--decoded-cache', action='store_true', help="FGVC / VTAB: decode and resize every image once "
                    "(with --workers processes) and keep it in memory as uint8; crop offsets and flips are drawn as "
                    "torchvision does, flip and normalisation run on the device (for GPUs that outrun JPEG decoding)")
-    g.add_argument('--eval-every', type=int, default=1, help="evaluate every N epochs; the last epoch always "
-                   "(default: %(default)s)")
+    g.add_argument('--eval-every', type=int, default=None, help="evaluate every N epochs; the last epoch always "
+                   "(default: 1 with --eval-split val; with --eval-split test only the last epoch, so the test set "
+                   "is evaluated once)")
     g.add_argument('--log-interval', type=int, default=20, help="steps between progress lines (default: %(default)s)")
     g.add_argument('--out', default=None, help="run directory (default: runs/<method>-<data>-<pretrain>-<arch>-"
                    "<eval split>-seed<seed>, then -<flag><value> for each recipe, method or size flag given)")
@@ -206,10 +226,12 @@ def check_values(cfg):
     """A RunError naming the first flag whose value cannot work (a negative lr, a patch size that does not
     divide --img-size, ...)."""
     for k, ok, what in VALID:
-        if cfg.get(k) is not None and not ok(cfg[k]):
-            raise RunError(f"--{k.replace('_', '-')} {cfg[k]:g} must be {what}")
-    if cfg['min_lr'] is not None and cfg['lr'] is not None and cfg['min_lr'] > cfg['lr']:
-        raise RunError(f"--min-lr {cfg['min_lr']:g} is above --lr {cfg['lr']:g}: the cosine would rise")
+        for v in cfg[k] if isinstance(cfg.get(k), list) else [cfg.get(k)]:  # --lr / --wd may be a grid's list
+            if v is not None and not ok(v):
+                raise RunError(f"--{k.replace('_', '-')} {v:g} must be {what}")
+    lrs = cfg['lr'] if isinstance(cfg['lr'], list) else [cfg['lr']]
+    if cfg['min_lr'] is not None and None not in lrs and cfg['min_lr'] > min(lrs):
+        raise RunError(f"--min-lr {cfg['min_lr']:g} is above --lr {min(lrs):g}: the cosine would rise")
     patch = models.ARCHS[cfg['arch']]['patch_size']
     if cfg['img_size'] % patch:
         raise RunError(f"--img-size {cfg['img_size']} is not a multiple of {cfg['arch']}'s patch size {patch}; "
@@ -244,6 +266,12 @@ def parse_args(argv=None):
         for k, v in {**cls.recipe, **cls.data_defaults(args.data)}.items():
             if cfg[k] is None:
                 cfg[k] = v
+        grid = [k for k in ('lr', 'wd') if isinstance(cfg[k], list)]
+        if grid and args.method != 'linear':
+            parser.error(f"--{grid[0]}: a comma list (a grid trained in one pass) needs --method linear; "
+                         f"sweep.py runs the grids of the other methods")
+        if cfg['eval_every'] is None:  # a final run on test evaluates it once, after the last epoch
+            cfg['eval_every'] = 1 if cfg['eval_split'] == 'val' else cfg['epochs']
         cfg['out'] = cfg['out'] or default_out(cfg, explicit)
         check_values(cfg)
     if cfg['weights'] is not None:
@@ -492,6 +520,13 @@ def environment(device):
                 python=platform.python_version(), git_commit=commit)
 
 
+def result_record(cfg, accuracy, tuned, total, identity, wall_time_s, device):
+    """result.json: what a table needs at the top level, then the whole resolved configuration."""
+    return dict(method=cfg['method'], data=cfg['data'], eval_split=cfg['eval_split'], accuracy=accuracy,
+                tuned_params=tuned, total_params=total, epochs=cfg['epochs'], arch=cfg['arch'], pretrain=cfg['pretrain'],
+                seed=cfg['seed'], backbone_identity=identity, wall_time_s=wall_time_s, **environment(device), config=cfg)
+
+
 def duration(seconds):
     """'3d 04:05:06' / '04:05:06'."""
     days, rest = divmod(int(seconds), 86400)
@@ -511,11 +546,51 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def datasets(cfg):
+    """(train split, eval split, train dataset, eval dataset, dataset options) of a run, read before the weights are
+    resolved (split files take a moment, the weights may take minutes). Fills in cfg's mean / std with the
+    backbone's normalisation when unset. A missing folder or split file, a bad label: a RunError."""
+    mean, std = models.PRETRAIN[cfg['pretrain']][1]
+    cfg['mean'], cfg['std'] = list(cfg['mean'] or mean), list(cfg['std'] or std)
+    train_split, eval_split = data.split_names(cfg['data'], cfg['eval_split'])
+    ds_kw = dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'])
+    try:
+        train_ds = data.build_dataset(cfg['data'], train_split, train=True, **ds_kw)
+        eval_ds = data.build_dataset(cfg['data'], eval_split, train=False, **ds_kw)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunError(f"--data {cfg['data']}: {e}") from None
+    return train_split, eval_split, train_ds, eval_ds, ds_kw
+
+
+def schedule(cfg, train_loader):
+    """(optimizer steps per epoch, total steps, warmup steps); --max-steps-per-epoch caps the first."""
+    steps_per_epoch = math.ceil(len(train_loader) / cfg['accum'])
+    if cfg['max_steps_per_epoch']:
+        steps_per_epoch = min(steps_per_epoch, cfg['max_steps_per_epoch'])
+    return steps_per_epoch, cfg['epochs'] * steps_per_epoch, round(cfg['warmup_epochs'] * steps_per_epoch)
+
+
+def claim_run_dir(out, overwrite, remove=True):
+    """A fresh start in `out`: refused when it holds a run, unless --overwrite (then its run files go)."""
+    ckpt_path, result_path = os.path.join(out, 'last.pt'), os.path.join(out, 'result.json')
+    if os.path.exists(result_path) or os.path.exists(ckpt_path):
+        what = 'a finished run (result.json)' if os.path.exists(result_path) else 'an unfinished run (last.pt)'
+        if not overwrite:
+            raise RunError(f"{out} already holds {what}; pass --resume to continue it, --overwrite to start afresh, "
+                           f"or --out DIR to put this run elsewhere")
+        if remove:
+            for path in (ckpt_path, result_path):
+                if os.path.exists(path):
+                    os.remove(path)
+
+
 def run(cfg, explicit, rank, world, device):
     """One training run from a parsed configuration (parse_args); main() sets up the processes and devices."""
     t_run = time.time()
     log = print if rank == 0 else (lambda *a, **k: None)
     warn = (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
+    if isinstance(cfg['lr'], list) or isinstance(cfg['wd'], list):
+        return run_grid(cfg, world, device, log)
 
     # ---- the run directory: a fresh start, an overwrite, or a resume
     out = cfg['out']
@@ -538,30 +613,15 @@ def run(cfg, explicit, rank, world, device):
             log(f"{out} finished all {cfg['epochs']} epochs already; its result.json stands")
             with open(result_path) as f:
                 return json.load(f)
-    elif os.path.exists(result_path) or os.path.exists(ckpt_path):
-        what = 'a finished run (result.json)' if os.path.exists(result_path) else 'an unfinished run (last.pt)'
-        if not cfg['overwrite']:
-            raise RunError(f"{out} already holds {what}; pass --resume to continue it, --overwrite to start afresh, "
-                           f"or --out DIR to put this run elsewhere")
-        if rank == 0:
-            for path in (ckpt_path, result_path):
-                if os.path.exists(path):
-                    os.remove(path)
+    else:
+        claim_run_dir(out, cfg['overwrite'], remove=rank == 0)
     if cfg['accum'] < 1 or cfg['batch_size'] % (world * cfg['accum']):
         raise RunError(f"--batch-size {cfg['batch_size']} must be divisible by processes x --accum "
                        f"= {world} x {cfg['accum']}")
     micro = cfg['batch_size'] // (world * cfg['accum'])  # per-process micro-batch
 
     # ---- data first: its split files are read in a moment, where the weights may take minutes to resolve
-    mean, std = models.PRETRAIN[cfg['pretrain']][1]  # the backbone's normalisation, unless given
-    cfg['mean'], cfg['std'] = list(cfg['mean'] or mean), list(cfg['std'] or std)
-    train_split, eval_split = data.split_names(cfg['data'], cfg['eval_split'])
-    ds_kw = dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'])
-    try:
-        train_ds = data.build_dataset(cfg['data'], train_split, train=True, **ds_kw)
-        eval_ds = data.build_dataset(cfg['data'], eval_split, train=False, **ds_kw)
-    except (FileNotFoundError, ValueError) as e:
-        raise RunError(f"--data {cfg['data']}: {e}") from None
+    train_split, eval_split, train_ds, eval_ds, ds_kw = datasets(cfg)
     if cfg.setdefault('num_classes', train_ds.num_classes) != train_ds.num_classes:
         raise RunError(f"cannot resume: {train_split} of {cfg['data']} now holds {train_ds.num_classes} classes, "
                        f"the checkpoint's head has {cfg['num_classes']} ({ckpt_path})")
@@ -594,11 +654,7 @@ def run(cfg, explicit, rank, world, device):
     train_loader = data.build_loader(train_ds, micro, train=True, workers=workers, distributed=distributed,
                                      seed=cfg['seed'])
     eval_loader = data.build_loader(eval_ds, micro, train=False, workers=workers, distributed=distributed)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg['accum'])
-    if cfg['max_steps_per_epoch']:
-        steps_per_epoch = min(steps_per_epoch, cfg['max_steps_per_epoch'])
-    total_steps = cfg['epochs'] * steps_per_epoch
-    warmup_steps = round(cfg['warmup_epochs'] * steps_per_epoch)
+    steps_per_epoch, total_steps, warmup_steps = schedule(cfg, train_loader)
     if warmup_steps >= total_steps:
         warn(f"--warmup-epochs {cfg['warmup_epochs']:g} is not shorter than --epochs {cfg['epochs']}: the lr rises "
              f"linearly for the whole run to {lr_at(total_steps - 1, total_steps, warmup_steps, cfg['lr'], 0):.3g} "
@@ -733,14 +789,153 @@ def run(cfg, explicit, rank, world, device):
 
     if acc is None:  # resumed after the last epoch's checkpoint, but result.json was never written
         acc = evaluate(model, eval_loader, device, dtype)
-    result = dict(method=cfg['method'], data=cfg['data'], eval_split=cfg['eval_split'], accuracy=acc,
-                  tuned_params=tuned, total_params=total, epochs=cfg['epochs'], arch=cfg['arch'],
-                  pretrain=cfg['pretrain'], seed=cfg['seed'], backbone_identity=identity,
-                  wall_time_s=wall_before + time.time() - t_run, **environment(device), config=cfg)
+    result = result_record(cfg, acc, tuned, total, identity, wall_before + time.time() - t_run, device)
     if rank == 0:
         atomic_json(result, result_path)
     log(f"final {eval_split} accuracy {acc:.2f}% ({cfg['method']}, {cfg['data']}); wrote {out}")
     return result
+
+
+def run_grid(cfg, world, device, log):
+    """`--method linear` with comma lists of --lr / --wd: every (lr, wd) head trains side by side on one stream of
+    backbone features, one backbone forward per batch for all heads, and each cell is written as the ordinary run
+    directory OUT/lr<lr>_wd<wd>/ it would have been on its own (same seed: same head init, data order, schedule).
+    When the training transform has no randomness (VTAB, digits) the features of both splits are computed once
+    and every epoch reads them from memory; with FGVC's random crop and flip they are recomputed per batch.
+    One process only, without --resume (a killed cell resumes on its own: train.py --resume --out OUT/<cell>)."""
+    if world > 1 or cfg['resume'] or cfg['accum'] != 1 or cfg['compile'] or cfg['decoded_cache']:
+        raise RunError("a --lr/--wd grid runs on one process without --resume, --accum, --compile or --decoded-cache; "
+                       "run it without torchrun, or resume a cell on its own with --resume --out <grid out>/<cell>")
+    lrs = cfg['lr'] if isinstance(cfg['lr'], list) else [cfg['lr']]
+    wds = cfg['wd'] if isinstance(cfg['wd'], list) else [cfg['wd']]
+    grid = [(lr, wd, os.path.join(cfg['out'], cell_name(lr, wd))) for wd in wds for lr in lrs]
+    for _, _, out in grid:
+        claim_run_dir(out, cfg['overwrite'])
+    micro = cfg['batch_size']
+    t_run = time.time()
+
+    train_split, eval_split, train_ds, eval_ds, _ = datasets(cfg)  # the data first, as in a single run
+    model, num_classes = build(cfg, device)  # every cell's separate run would build exactly this (same seed)
+    cells = [dict(cfg, lr=lr, wd=wd, out=out) for lr, wd, out in grid]  # each cell's configuration
+    identity = model.backbone.identity
+    tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    train_loader = data.build_loader(train_ds, micro, train=True, workers=cfg['workers'], seed=cfg['seed'])
+    eval_loader = data.build_loader(eval_ds, micro, train=False, workers=cfg['workers'])
+    steps_per_epoch, total_steps, warmup_steps = schedule(cfg, train_loader)
+    dtype = amp_dtype(cfg['amp'], device)
+    heads = []  # per cell: a module holding `head` (parameter names as in the model: head.weight, head.bias)
+    for c in cells:
+        m = nn.Module()
+        m.head = copy.deepcopy(model.head)
+        heads.append(m)
+    opts = [make_optimizer(m, c) for m, c in zip(heads, cells)]
+    scalers = [torch.amp.GradScaler(device.type, enabled=dtype == torch.float16) for _ in cells]
+    seed_everything(cfg['seed'])  # as a separate run after its build
+
+    cached = cfg['data'] not in data.FGVC  # VTAB and digits train without augmentation (data.build_transform)
+    model.eval()
+
+    def features_of(x):  # one backbone forward for every head
+        with torch.no_grad(), autocast(device, dtype):
+            return model.features(x.to(device, non_blocking=True))  # (B, D)
+
+    def features(loader):  # (N, D), (N,): one backbone forward per image of the split
+        f, ys = zip(*((features_of(x), y.to(device)) for x, y in loader))
+        return torch.cat(f), torch.cat(ys)
+
+    t0 = time.time()
+    if cached:
+        train_feats, train_labels = features(data.build_loader(train_ds, micro, train=False, workers=cfg['workers']))
+        eval_feats, eval_labels = features(eval_loader)
+    how = (f"features cached: {len(train_ds)} {train_split} + {len(eval_ds)} {eval_split} images, one backbone "
+           f"forward each ({time.time() - t0:.1f}s)" if cached else
+           "features recomputed per batch (random augmentation), one backbone forward per batch for all heads")
+    log(f"linear grid on {cfg['data']} ({train_split} -> {eval_split}), backbone {identity}: {len(cells)} heads "
+        f"(lr {','.join(f'{v:g}' for v in lrs)} x wd {','.join(f'{v:g}' for v in wds)}), {tuned:,} tuned parameters "
+        f"each; {how}; out {cfg['out']}")
+    for c in cells:
+        c.update(num_classes=num_classes, backbone_identity=identity, world_size=1, micro_batch=micro,
+                 steps_per_epoch=steps_per_epoch, amp_dtype=str(dtype).replace('torch.', '') if dtype else 'float32',
+                 train_split=train_split, eval_split_name=eval_split, model_options=methods.built_options(model),
+                 grid_features='cached' if cached else 'per batch')
+        os.makedirs(c['out'], exist_ok=True)
+        open(os.path.join(c['out'], 'metrics.jsonl'), 'w').close()
+
+    live = list(range(len(cells)))  # cells still training (a non-finite loss stops its cell only)
+    failed = {}
+    step, acc = 0, [None] * len(cells)
+    for epoch in range(cfg['epochs']):
+        t_epoch = time.time()
+        train_loader.sampler.set_epoch(epoch)  # the same order as each cell's own run
+        if cached:
+            order = list(train_loader.sampler)
+            batches = ((train_feats[idx], train_labels[idx]) for idx in
+                       (torch.tensor(order[i:i + micro]) for i in range(0, len(order), micro)))
+        else:
+            batches = ((features_of(x), y.to(device)) for x, y in train_loader)
+        loss_sum = [0.0] * len(cells)
+        images, lrs_now = 0, [0.0] * len(cells)
+        for s in range(steps_per_epoch):
+            f, y = next(batches)                                        # (B, D), (B,)
+            images += y.shape[0]
+            for k in list(live):
+                c = cells[k]
+                lrs_now[k] = lr_at(step, total_steps, warmup_steps, c['lr'], c['min_lr'])
+                for group in opts[k].param_groups:
+                    group['lr'] = lrs_now[k]
+                with autocast(device, dtype):
+                    loss = F.cross_entropy(heads[k].head(f), y)        # = model.loss(x, y) of the cell's own run
+                if not math.isfinite(loss.item()):
+                    failed[k] = f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {s + 1}"
+                    live.remove(k)
+                    continue
+                scalers[k].scale(loss).backward()
+                scalers[k].step(opts[k])
+                scalers[k].update()
+                opts[k].zero_grad(set_to_none=True)
+                loss_sum[k] += loss.item()
+            step += 1
+        train_time = time.time() - t_epoch
+        final = epoch + 1 == cfg['epochs']
+        evaluate_now = final or (epoch + 1) % cfg['eval_every'] == 0
+        with torch.no_grad():
+            if evaluate_now and not cached:
+                eval_feats, eval_labels = features(eval_loader)  # once for all heads
+            for k in live:
+                if evaluate_now:
+                    with autocast(device, dtype):
+                        pred = heads[k].head(eval_feats).argmax(-1)                # (N,)
+                    acc[k] = 100.0 * (pred == eval_labels).sum().item() / max(len(eval_labels), 1)
+                else:
+                    acc[k] = None
+        states = [rng_state()]
+        for k in live:
+            c = cells[k]
+            row = dict(epoch=epoch + 1, train_loss=loss_sum[k] / steps_per_epoch, accuracy=acc[k],
+                       eval_split=c['eval_split'], lr=lrs_now[k], images_per_s=images / train_time,
+                       peak_mem_mb=peak_memory_mb(device), time=time.time() - t_epoch)
+            with open(os.path.join(c['out'], 'metrics.jsonl'), 'a') as f:
+                f.write(json.dumps(row) + '\n')
+            atomic_save(dict(model=methods.tuned_state_dict(heads[k]), optimizer=opts[k].state_dict(),
+                             scaler=scalers[k].state_dict(), step=step, epoch=epoch + 1, rng=states, args=c,
+                             identity=identity, method='linear', wall_time_s=time.time() - t_run),
+                        os.path.join(c['out'], 'last.pt'))
+        shown = ', '.join('-' if acc[k] is None else f"{acc[k]:.1f}" for k in live)
+        log(f"epoch {epoch + 1}/{cfg['epochs']}: {eval_split} accuracy per head {shown}; {time.time() - t_epoch:.1f}s",
+            flush=True)
+    results = []
+    for k in live:
+        c = cells[k]
+        result = dict(result_record(c, acc[k], tuned, total, identity, time.time() - t_run, device),
+                      features=c['grid_features'])
+        atomic_json(result, os.path.join(c['out'], 'result.json'))
+        results.append(result)
+        log(f"final {eval_split} accuracy {acc[k]:.2f}% (linear lr {c['lr']:g} wd {c['wd']:g}); wrote {c['out']}")
+    if failed:
+        raise RunError('; '.join(f"{cells[k]['out']}: {msg}" for k, msg in failed.items()) + " (the other cells "
+                       "finished)")
+    return results
 
 
 def cli(main_fn):

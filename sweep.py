@@ -1,0 +1,776 @@
+"""
+From runs to a paper's table: the lr x wd (x prompts) search on val, the seeded final runs on test, and the
+table beside the papers' numbers. VPT's protocol (KMnP/vpt tune_vtab.py, tune_fgvc.py), without its costs.
+
+    python sweep.py --method vpt --pretrain in21k --data vtab                     # 19 tasks, VPT's grid
+    python sweep.py --method linear --pretrain mae --weights mae.pth --data fgvc --jobs 8
+    python sweep.py --method vpt --data cub --print-commands > cmds.txt            # for any scheduler
+    python sweep.py --method vpt --data fgvc --launcher slurm --partition gpu      # SLURM through submitit
+    python sweep.py --report sweeps/vpt-in21k-fgvc                                 # the table of what finished
+    python sweep.py --method vpt --data vtab --dry-run                             # runs and image passes
+
+The protocol, per dataset:
+  phase 1  every grid cell trains on the tuning split and is scored on val (train.py --eval-split val; VTAB
+           train800 -> val200, FGVC train -> val) into DIR/<data>/val/<cell>/. The test files are never opened.
+  select   the best last-epoch val top-1; ties go to the smaller lr, then the smaller wd, then fewer prompts
+           (KMnP/vpt tune_vtab.py picks the first best in its sorted lr list).
+  phase 2  the chosen cell is retrained for every seed with --eval-split test (VTAB train800val200, FGVC
+           train) into DIR/<data>/test/seed<s>/, and the test set is evaluated once, after the last epoch.
+  report   mean +- sample std (ddof 1) over the seeds, beside the paper's number: DIR/results.{md,csv,json,png}
+           and DIR/<data>/grid.png.
+
+Every cell is an ordinary train.py run directory, so the report only reads directories: it does not matter
+whether this script, a scheduler fed by --print-commands, or SLURM ran the cells. Rerunning the same command
+skips finished cells and resumes unfinished ones (train.py --resume); a cell directory recorded with another
+configuration is an error, never reused. What VPT's scripts do and this one avoids: one serial process per
+grid (with SLURM assumed), the test set evaluated every epoch of every final run, tables regex-parsed from logs.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import data
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN_PY = os.path.join(HERE, 'train.py')
+
+# -----------------------------------------------------------------------------
+# suites, grids, seeds
+
+VTAB_GROUPS = {
+    'vtab-natural': ['cifar', 'caltech101', 'dtd', 'oxford_flowers102', 'oxford_iiit_pet', 'svhn', 'sun397'],
+    'vtab-specialized': ['patch_camelyon', 'eurosat', 'resisc45', 'diabetic_retinopathy'],
+    'vtab-structured': ['clevr_count', 'clevr_dist', 'dmlab', 'kitti', 'dsprites_loc', 'dsprites_ori',
+                        'smallnorb_azi', 'smallnorb_ele'],
+}
+SUITES = {g: [f'vtab-{t}' for t in tasks] for g, tasks in VTAB_GROUPS.items()}
+SUITES['vtab'] = [d for g in VTAB_GROUPS for d in SUITES[g]]
+SUITES['fgvc'] = list(data.FGVC)
+GROUP_NAMES = {'vtab-natural': 'Natural', 'vtab-specialized': 'Specialized', 'vtab-structured': 'Structured',
+               'vtab': 'VTAB mean (19)', 'fgvc': 'FGVC mean (5)'}
+
+# Default grids. KMnP/vpt tune_vtab.py and tune_fgvc.py: base lr x batch / 256 for prompts, linear and full,
+# wd {0.01, 0.001, 0.0001, 0}; base=True marks VPT's base lrs, converted here to train.py's absolute lr.
+VPT_LRS = [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05]
+VPT_WDS = [0.01, 0.001, 0.0001, 0]
+GRIDS = {
+    'linear': dict(lr=VPT_LRS, wd=VPT_WDS, base=True),                          # KMnP/vpt tune_vtab.py, linear
+    'full': dict(lr=[0.005, 0.001, 0.0005, 0.0001], wd=VPT_WDS, base=True),     # KMnP/vpt tune_vtab.py, finetune
+    'vpt': dict(lr=VPT_LRS, wd=VPT_WDS, base=True),                             # KMnP/vpt tune_vtab.py, prompt
+    # LSPT publishes no hyper-parameters: GaPT's absolute lr 0.1 (no batch rescaling) with VPT's wd list,
+    # and smaller lrs, since the LSTM shares the prompts' lr
+    'lspt': dict(lr=[0.5, 0.25, 0.1, 0.05, 0.025, 0.01], wd=VPT_WDS, base=False),
+    # AdamW recipes: around the papers' lr 1e-3 and wd (SPT 1e-2 on the prompts, SA²VP 1e-4);
+    # PETL_Vision's AdamW grid is lr {1e-3, 1e-2} x wd {1e-4, 1e-3}
+    'spt': dict(lr=[5e-3, 2e-3, 1e-3, 5e-4, 2e-4], wd=[1e-1, 1e-2, 1e-3], base=False),
+    'sa2vp': dict(lr=[5e-3, 2e-3, 1e-3, 5e-4, 2e-4], wd=[1e-3, 1e-4, 0], base=False),
+}
+SEEDS = [42, 44, 82, 100, 800]  # KMnP/vpt tune_vtab.py: the final-run seeds
+
+# The papers' numbers (ViT-B/16, top-1 %, test): (method, pretrain) -> (source, {data or group: value}).
+# The same numbers as the README's "Expected results".
+_FGVC = ('cub', 'nabirds', 'flowers', 'dogs', 'cars', 'fgvc')
+_VTAB = ('vtab-natural', 'vtab-specialized', 'vtab-structured')
+PAPERS = {
+    ('vpt', 'in21k'): ('SA²VP Tables 1, 3', dict(zip(_FGVC + _VTAB, (88.5, 84.2, 99.0, 90.2, 83.6, 89.11,
+                                                                     78.48, 82.43, 54.98)))),
+    ('sa2vp', 'in21k'): ('SA²VP Tables 1, 3', dict(zip(_FGVC + _VTAB, (89.1, 85.8, 99.3, 92.1, 84.1, 90.08,
+                                                                       80.97, 85.73, 60.80)))),
+    ('spt', 'in21k-augreg'): ('SPT Table 3', dict(zip(_FGVC + _VTAB, (90.6, 87.6, 99.8, 89.8, 89.2, 91.40,
+                                                                      82.27, 85.48, 58.91)))),
+    ('spt', 'mae'): ('SPT Table 2', dict(zip(_FGVC + _VTAB, (80.13, 76.28, 93.07, 82.23, 84.61, 83.26,
+                                                             67.19, 83.15, 59.23)))),
+    ('spt', 'mocov3'): ('SPT Table 2', dict(zip(_FGVC + _VTAB, (84.47, 77.63, 96.10, 85.84, 85.98, 86.00,
+                                                                76.20, 84.95, 58.36)))),
+    ('lspt', 'mae'): ('LSPT Tables 1, 2', dict(zip(_FGVC + _VTAB, (73.86, 71.73, 82.32, 82.05, 74.75, 76.94,
+                                                                   52.36, 80.75, 41.72)))),
+    ('lspt', 'mocov3'): ('LSPT Tables 1, 2', dict(zip(_FGVC + _VTAB, (84.29, 77.16, 95.06, 84.25, 80.12, 84.18,
+                                                                      77.19, 85.69, 52.82)))),
+    ('vpt', 'mae'): ('SPT Table 2', dict(zip(_FGVC, (68.33, 65.22, 80.05, 78.83, 67.67, 72.02)))),
+    ('vpt', 'mocov3'): ('SPT Table 2', dict(zip(_FGVC, (82.67, 75.99, 94.41, 83.33, 79.18, 83.12)))),
+}
+
+# Split sizes for --dry-run (no data needed): VTAB-1k 800 / 200 / 1000 and the full official test sets
+# (tfds, as NOAH's get_vtab1k.py writes them); FGVC: VPT's json splits (VPT paper, Table 7); digits: data.py.
+VTAB_TEST = {'cifar': 10000, 'caltech101': 6084, 'dtd': 1880, 'oxford_flowers102': 6149, 'oxford_iiit_pet': 3669,
+             'svhn': 26032, 'sun397': 21750, 'patch_camelyon': 32768, 'eurosat': 5400, 'resisc45': 6300,
+             'diabetic_retinopathy': 42670, 'clevr_count': 15000, 'clevr_dist': 15000, 'dmlab': 22735,
+             'kitti': 711, 'dsprites_loc': 73728, 'dsprites_ori': 73728, 'smallnorb_azi': 12150,
+             'smallnorb_ele': 12150}
+FGVC_SIZES = {'cub': (5394, 600, 5794), 'nabirds': (21536, 2393, 24633), 'flowers': (1020, 1020, 6149),
+              'dogs': (10800, 1200, 8580), 'cars': (7329, 815, 8041)}  # train, val, test
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot go on; printed as one `error:` line."""
+
+
+def split_sizes(name):
+    """(tuning-train, val, final-train, test) image counts of dataset `name`."""
+    if name in FGVC_SIZES:
+        tr, va, te = FGVC_SIZES[name]
+        return tr, va, tr, te  # VPT trains FGVC's final runs on train.json alone
+    return 800, 200, 1000, VTAB_TEST[name[5:]] if name.startswith('vtab-') else 797  # digits: 1797 - 1000
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def floats(s):
+    try:
+        return [float(v) for v in s.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {s!r}") from None
+
+
+def ints(s):
+    try:
+        return [int(v) for v in s.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {s!r}") from None
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Grid search on val, seeded final runs on test, and the table beside "
+                                "the papers' numbers (VPT's protocol). Fixed train.py flags go after --, e.g. "
+                                "`-- --epochs 2 --workers 0`.", allow_abbrev=False)
+    g = p.add_argument_group('what to run')
+    g.add_argument('--method', choices=list(GRIDS))
+    g.add_argument('--pretrain', default='in21k', help="train.py --pretrain (default: %(default)s)")
+    g.add_argument('--arch', default='vit_base_patch16_224', help="train.py --arch (default: %(default)s)")
+    g.add_argument('--weights', default=None, help="train.py --weights")
+    g.add_argument('--img-size', type=int, default=224, help="train.py --img-size (default: %(default)s)")
+    g.add_argument('--data-root', default=None, help="train.py --data-root")
+    g.add_argument('--data', help="comma list of train.py --data names and suites: "
+                   + ', '.join(f"{s} ({len(v)})" for s, v in SUITES.items()))
+    g.add_argument('--out', default=None, help="sweep directory (default: sweeps/<method>-<pretrain>-<data>)")
+    g = p.add_argument_group('grid (default: the method\'s grid in GRIDS, sweep.py)')
+    g.add_argument('--lr', type=floats, default=None, help="absolute learning rates, comma list")
+    g.add_argument('--wd', type=floats, default=None, help="weight decays, comma list")
+    g.add_argument('--prompts', type=ints, default=None, help="prompt lengths, comma list (default: the method's)")
+    g.add_argument('--seeds', type=ints, default=SEEDS, help="final-run seeds; phase 1 uses the first "
+                   "(default: 42,44,82,100,800)")
+    g = p.add_argument_group('execution')
+    g.add_argument('--jobs', type=int, default=None, help="cells at once (default: one per GPU of --gpus, 1 on a "
+                   "CPU-only machine; slurm: all)")
+    g.add_argument('--gpus', default=None, help="comma list of GPU ids, one job pinned to each in turn "
+                   "(default: every visible GPU)")
+    g.add_argument('--launcher', choices=['local', 'slurm', 'submitit-local'], default='local',
+                   help="local processes, SLURM jobs through submitit, or submitit's local executor (a test of "
+                   "the slurm path on this machine) (default: %(default)s)")
+    g.add_argument('--partition', default=None, help="slurm partition")
+    g.add_argument('--gpus-per-job', type=int, default=1, help="slurm GPUs per cell (default: %(default)s)")
+    g.add_argument('--time', type=int, default=24 * 60, help="slurm time limit per cell, minutes "
+                   "(default: %(default)s)")
+    g.add_argument('--print-commands', action='store_true', help="print every remaining train.py command, one per "
+                   "line, and exit (phase 2 appears once a dataset's phase 1 has finished)")
+    g.add_argument('--dry-run', action='store_true', help="print the number of runs and image passes per phase")
+    g.add_argument('--report', metavar='DIR', default=None, help="write DIR/results.{md,csv,json,png} from whatever "
+                   "has finished, and print the table")
+    return p
+
+
+def parse_args(argv):
+    """(sweep args, train.py flags after --)."""
+    argv = list(argv)
+    extra = argv[argv.index('--') + 1:] if '--' in argv else []
+    argv = argv[:argv.index('--')] if '--' in argv else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.report is None and (args.method is None or args.data is None):
+        parser.error("--method and --data are required (or --report DIR)")
+    owned = {'--method', '--data', '--arch', '--pretrain', '--weights', '--img-size', '--data-root', '--lr', '--wd',
+             '--prompts', '--seed', '--out', '--eval-split', '--resume', '--overwrite'}
+    for flag in extra:
+        if flag.split('=')[0] in owned:
+            raise SweepError(f"{flag.split('=')[0]} after -- is set by sweep.py itself; give it before the --")
+    return args, extra
+
+
+def datasets_of(spec):
+    out = []
+    for name in spec.split(','):
+        names = SUITES.get(name, [name])
+        for n in names:
+            if n not in data.DATASETS:
+                raise SweepError(f"--data: unknown dataset or suite {n!r}; valid: {', '.join(SUITES)}, "
+                                 f"{', '.join(data.DATASETS)}")
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def grid_of(args, extra):
+    """[(lr, wd, prompts)] in the order of the grid; lr absolute (VPT's base lrs x batch / 256, at the batch size
+    the runs will use: --batch-size after --, else the recipe's)."""
+    grid = GRIDS[args.method]
+    if args.lr is not None:
+        lrs = args.lr
+    elif grid['base']:
+        batch = intended_config(['--method', args.method, '--data', 'digits'] + extra)['batch_size']
+        lrs = [lr * batch / 256 for lr in grid['lr']]
+    else:
+        lrs = grid['lr']
+    wds = args.wd if args.wd is not None else grid['wd']
+    prompts = args.prompts if args.prompts is not None else [None]
+    return [(lr, wd, p) for p in prompts for wd in wds for lr in lrs]
+
+
+def cell_name(lr, wd, prompts):
+    return train.cell_name(lr, wd) + ('' if prompts is None else f"_p{prompts}")
+
+
+def choose(cells):
+    """The chosen cell among [(lr, wd, prompts, val accuracy)]: the best accuracy; ties go to the smaller lr,
+    then the smaller wd, then fewer prompts."""
+    return min(cells, key=lambda c: (-c[3], c[0], c[1], -1 if c[2] is None else c[2]))
+
+
+# -----------------------------------------------------------------------------
+# cells: ordinary train.py run directories
+
+
+class Cell:
+    """One train.py run of the sweep: its command, its directory and what it holds."""
+
+    def __init__(self, spec, name, phase, lr, wd, prompts, seed, key):
+        self.data, self.phase, self.key = name, phase, key
+        self.lr, self.wd, self.prompts, self.seed = lr, wd, prompts, seed
+        self.dir = os.path.join(spec['out'], name, 'val' if phase == 1 else 'test', key)
+        self.log = os.path.join(self.dir, 'train.log')
+        self.failed_path = os.path.join(self.dir, 'sweep_failed.txt')
+        self.args = train_args(spec, name, phase, repr(lr), repr(wd), prompts, seed, self.dir)
+
+    def result(self):
+        path = os.path.join(self.dir, 'result.json')
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        return None
+
+    def recorded(self):
+        """The configuration recorded in the directory (result.json, else last.pt), or None."""
+        res = self.result()
+        if res is not None:
+            return res['config'], os.path.join(self.dir, 'result.json')
+        ckpt = os.path.join(self.dir, 'last.pt')
+        if os.path.isfile(ckpt):
+            import torch
+            return torch.load(ckpt, map_location='cpu', weights_only=True)['args'], ckpt
+        return None
+
+    def check(self):
+        """A SweepError when the directory holds a run of another configuration than this cell's."""
+        rec = self.recorded()
+        if rec is None:
+            return
+        recorded, path = rec
+        want = intended_config(self.args)
+        skip = train.RESUME_OVERRIDES | {'device'}
+        diff = [f"--{k.replace('_', '-')} {want[k]!r} (recorded: {recorded.get(k)!r})" for k in sorted(want)
+                if k not in skip and not (k in ('mean', 'std') and want[k] is None) and want[k] != recorded.get(k)]
+        if diff:
+            raise SweepError(f"{path} was recorded with another configuration than this sweep's cell: "
+                             f"{', '.join(diff)}; use another --out or delete {self.dir}")
+
+    def status(self):
+        if self.result() is not None:
+            return 'done'
+        if os.path.isfile(self.failed_path):
+            return 'failed'
+        return 'left'
+
+    def failure(self):
+        with open(self.failed_path) as f:
+            return f.read().strip()  # "exit status N; log: PATH"
+
+    def command(self):
+        resume = ['--resume'] if os.path.isfile(os.path.join(self.dir, 'last.pt')) else []
+        return [sys.executable, TRAIN_PY] + self.args + resume
+
+
+def train_args(spec, name, phase, lr, wd, prompts, seed, out):
+    """train.py's flags for a run of this sweep (lr, wd: strings)."""
+    args = ['--method', spec['method'], '--arch', spec['arch'], '--pretrain', spec['pretrain'],
+            '--img-size', str(spec['img_size']), '--data', name, '--eval-split', 'val' if phase == 1 else 'test',
+            '--lr', lr, '--wd', wd, '--seed', str(seed), '--out', out]
+    args += ['--prompts', str(prompts)] if prompts is not None else []
+    args += ['--weights', spec['weights']] if spec['weights'] else []
+    args += ['--data-root', spec['data_root']] if spec['data_root'] else []
+    return args + spec['extra']
+
+
+class LinearGrid:
+    """Phase 1 of `linear` on one dataset as ONE train.py process: train.py trains every (lr, wd) head on one
+    stream of backbone features and writes each cell's ordinary run directory under DIR/<data>/val/."""
+
+    def __init__(self, spec, name, cells):
+        self.data, self.key, self.cells = name, 'grid', cells
+        self.dir = os.path.join(spec['out'], name, 'val')
+        self.log = os.path.join(self.dir, 'grid.log')
+        self.failed_path = os.path.join(self.dir, 'grid_failed.txt')
+        lrs = ','.join(dict.fromkeys(repr(c.lr) for c in cells))
+        wds = ','.join(dict.fromkeys(repr(c.wd) for c in cells))
+        self.args = train_args(spec, name, 1, lrs, wds, None, cells[0].seed, self.dir)
+
+    def command(self):
+        return [sys.executable, TRAIN_PY] + self.args
+
+
+def phase1_tasks(spec, name):
+    """The unfinished phase-1 cells of a dataset; for `linear` one LinearGrid when no cell has started yet."""
+    cells = phase1_cells(spec, name)
+    todo = [c for c in cells if c.status() != 'done']
+    fresh = all(c.result() is None and not os.path.exists(os.path.join(c.dir, 'last.pt')) for c in cells)
+    if spec['method'] == 'linear' and len(cells) > 1 and fresh:
+        return [LinearGrid(spec, name, cells)]
+    return todo
+
+
+def intended_config(argv):
+    """train.py's resolved configuration for these flags, without running anything."""
+    try:
+        cfg, _ = train.parse_args(argv)
+    except SystemExit:  # argparse has printed its message
+        raise SweepError(f"train.py refuses the flags {shlex.join(argv)}") from None
+    return cfg
+
+
+def load_spec(out):
+    path = os.path.join(out, 'sweep.json')
+    if not os.path.isfile(path):
+        raise SweepError(f"{path} not found: --report needs a directory written by sweep.py")
+    with open(path) as f:
+        return json.load(f)
+
+
+def phase1_cells(spec, name):
+    return [Cell(spec, name, 1, lr, wd, p, spec['seeds'][0], cell_name(lr, wd, p)) for lr, wd, p in spec['grid']]
+
+
+def chosen_of(spec, name):
+    """(lr, wd, prompts, val accuracy) of the chosen cell, or None while phase 1 is not complete."""
+    cells = phase1_cells(spec, name)
+    results = [c.result() for c in cells]
+    if any(r is None for r in results):
+        return None
+    return choose([(c.lr, c.wd, c.prompts, r['accuracy']) for c, r in zip(cells, results)])
+
+
+def phase2_cells(spec, name):
+    best = chosen_of(spec, name)
+    if best is None:
+        return []
+    return [Cell(spec, name, 2, best[0], best[1], best[2], s, f'seed{s}') for s in spec['seeds']]
+
+
+# -----------------------------------------------------------------------------
+# running the cells
+
+
+def run_command(cmd, log):
+    """Run one train.py command with its output appended to `log`; returns the exit status (also in SLURM)."""
+    with open(log, 'a') as f:
+        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+
+class LocalLauncher:
+    """Subprocesses, at most `jobs` at once, the i-th slot pinned to GPU gpus[i % len(gpus)]."""
+
+    def __init__(self, jobs, gpus):
+        self.gpus, self.capacity, self.free = gpus, jobs, list(range(jobs))
+
+    def start(self, cell):
+        slot = self.free.pop(0)
+        env = dict(os.environ)
+        if self.gpus:
+            env['CUDA_VISIBLE_DEVICES'] = str(self.gpus[slot % len(self.gpus)])
+        log = open(cell.log, 'a')
+        proc = subprocess.Popen(cell.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        return (proc, slot)
+
+    def poll(self, handle):
+        rc = handle[0].poll()
+        if rc is not None:
+            self.free.append(handle[1])
+        return rc
+
+    def stop(self, handle):
+        handle[0].terminate()
+        handle[0].wait()
+
+
+class SubmititLauncher:
+    """One submitit job per cell: SLURM (--launcher slurm) or submitit's local executor (submitit-local)."""
+
+    def __init__(self, args, out):
+        import submitit
+        cluster = 'slurm' if args.launcher == 'slurm' else 'local'
+        self.executor = submitit.AutoExecutor(folder=os.path.join(out, 'submitit'), cluster=cluster)
+        params = dict(timeout_min=args.time, name='sweep')
+        if cluster == 'slurm':
+            params.update(gpus_per_node=args.gpus_per_job, tasks_per_node=1, slurm_partition=args.partition)
+        self.executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        self.capacity = args.jobs or 10**9
+
+    def start(self, cell):
+        return self.executor.submit(run_command, cell.command(), cell.log)
+
+    def poll(self, job):
+        if not job.done():
+            return None
+        try:
+            return job.result()
+        except Exception:  # the job itself failed (e.g. cancelled, out of time); its log is in the submitit folder
+            return 1
+
+    def stop(self, job):
+        pass  # SLURM jobs keep running; the next sweep skips or resumes them
+
+
+def visible_gpus(arg):
+    if arg is not None:
+        return [g for g in arg.split(',') if g != '']
+    env = os.environ.get('CUDA_VISIBLE_DEVICES')
+    if env is not None:
+        return [g for g in env.split(',') if g != '']
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def hms(seconds):
+    return time.strftime('%H:%M:%S', time.gmtime(seconds)) if seconds is not None else '?'
+
+
+def execute(spec, launcher):
+    """Run every remaining cell; phase 2 of a dataset starts once its phase 1 is complete.
+    Returns the failed cells."""
+    names = spec['data']
+    n_total = len(names) * (len(spec['grid']) + len(spec['seeds']))
+    started_p2, running, failed, durations = set(), {}, [], []
+    queue = [task for name in names for task in phase1_tasks(spec, name)]
+    t_start = time.time()
+
+    def counts():
+        done = sum(1 for name in names for c in phase1_cells(spec, name) + phase2_cells(spec, name)
+                   if c.status() == 'done')
+        n_run = sum(len(getattr(task, 'cells', [task])) for task, _, _ in running.values())
+        return done, n_run, len(failed), n_total - done - n_run - len(failed)
+
+    n_done_before = counts()[0]
+
+    print(f"sweep {spec['out']}: {len(names)} datasets x ({len(spec['grid'])} grid cells + {len(spec['seeds'])} "
+          f"seeds) = {n_total} runs, {n_done_before} finished before", flush=True)
+    try:
+        while True:
+            busy = {cell.data for cell, _, _ in running.values()}
+            for name in names:  # a dataset whose phase 1 is complete: queue its final runs (first in the queue)
+                if name not in started_p2 and name not in busy and chosen_of(spec, name) is not None:
+                    started_p2.add(name)
+                    lr, wd, p, acc = chosen_of(spec, name)
+                    print(f"{name}: chose {cell_name(lr, wd, p)} (val {acc:.2f}%)", flush=True)
+                    for cell in reversed(phase2_cells(spec, name)):
+                        cell.check()
+                        if cell.status() != 'done':
+                            queue.insert(0, cell)
+            while queue and len(running) < launcher.capacity:
+                cell = queue.pop(0)
+                os.makedirs(cell.dir, exist_ok=True)
+                if os.path.exists(cell.failed_path):
+                    os.remove(cell.failed_path)
+                running[cell.dir] = (cell, launcher.start(cell), time.time())
+            if not running:
+                break
+            time.sleep(0.2)
+            for key, (cell, handle, t0) in list(running.items()):
+                rc = launcher.poll(handle)
+                if rc is None:
+                    continue
+                del running[key]
+                durations.append(time.time() - t0)
+                for c in getattr(cell, 'cells', [cell]):  # a LinearGrid reports each of its cells
+                    res = c.result()
+                    if rc == 0 and res is not None:
+                        what = f"{res['eval_split']} {res['accuracy']:.2f}%"
+                    else:
+                        failed.append(c)
+                        os.makedirs(c.dir, exist_ok=True)
+                        with open(c.failed_path, 'w') as f:
+                            f.write(f"exit status {rc}; log: {cell.log}\n")
+                        c.log = cell.log
+                        what = f"FAILED (exit status {rc}), log {cell.log}"
+                    done, n_run, n_fail, left = counts()
+                    eta = (sum(durations) / len(durations) * (left + n_run / 2) / launcher.capacity
+                           if launcher.capacity < 10**9 else None)
+                    print(f"[{done} done, {n_run} running, {n_fail} failed, {left} left | elapsed "
+                          f"{hms(time.time() - t_start)}, eta {hms(eta)}] {c.data} {c.key}: {what}", flush=True)
+    except (KeyboardInterrupt, SweepError) as e:  # stop the running cells; a rerun resumes them
+        for cell, handle, _ in running.values():
+            launcher.stop(handle)
+        if isinstance(e, SweepError):
+            raise
+        raise SweepError("interrupted; rerun the same command to continue (finished cells are kept, unfinished "
+                         "ones resume)") from None
+    return failed
+
+
+def print_commands(spec):
+    for name in spec['data']:
+        tasks = phase1_tasks(spec, name) + [c for c in phase2_cells(spec, name) if c.status() != 'done']
+        for task in tasks:
+            os.makedirs(task.dir, exist_ok=True)
+            print(shlex.join(task.command()) + ' > ' + shlex.quote(task.log) + ' 2>&1')
+
+
+# -----------------------------------------------------------------------------
+# cost in image passes (--dry-run)
+
+
+def passes(train_images, eval_images, epochs, eval_every):
+    """Images pushed through the model by one run: training images x epochs + evaluated images."""
+    evaluations = sum(1 for e in range(1, epochs + 1) if e % eval_every == 0 or e == epochs)
+    return train_images * epochs + eval_images * evaluations
+
+
+def dry_run(spec):
+    """Runs and image passes per phase, from the split sizes and train.py's resolved --epochs / --eval-every."""
+    lr, wd, p = spec['grid'][0]
+    val_cfg = intended_config(Cell(spec, 'digits', 1, lr, wd, p, 0, '').args)
+    test_cfg = intended_config(Cell(spec, 'digits', 2, lr, wd, p, 0, '').args)
+    epochs, every = val_cfg['epochs'], test_cfg['eval_every']
+    cells, seeds = len(spec['grid']), len(spec['seeds'])
+    p1 = p2 = vpt1 = vpt2 = 0
+    for name in spec['data']:
+        tune, val, final, test = split_sizes(name)
+        if spec['method'] == 'linear' and cells > 1:  # one process, one backbone forward per image for all cells
+            p1 += tune + val if name not in data.FGVC else passes(tune, val, epochs, val_cfg['eval_every'])
+        else:
+            p1 += cells * passes(tune, val, epochs, val_cfg['eval_every'])
+        p2 += seeds * passes(final, test, epochs, every)
+        vpt2 += seeds * passes(final, test, epochs, 1)  # VPT evaluates the test set every epoch
+        vpt1 += cells * passes(tune, val, epochs, 1)  # and runs every cell on its own
+    n = len(spec['data'])
+    print(f"{spec['method']} on {n} datasets, {epochs} epochs per run (image passes = training images x epochs + "
+          f"evaluated images):")
+    print(f"  phase 1 (grid on val):   {n * cells:6d} runs  {p1:15,d} image passes")
+    print(f"  phase 2 (seeds on test): {n * seeds:6d} runs  {p2:15,d} image passes (test evaluated "
+          f"{'once per run' if every >= epochs else f'every {every} epochs'})")
+    print(f"  total:                   {n * (cells + seeds):6d} runs  {p1 + p2:15,d} image passes; VPT's protocol "
+          f"(test every epoch): {vpt1 + vpt2:,d}, ours / VPT's = {(p1 + p2) / (vpt1 + vpt2):.2f}")
+    return dict(runs=n * (cells + seeds), phase1=p1, phase2=p2, vpt=vpt1 + vpt2)
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+
+def mean_or_none(values):
+    return sum(values) / len(values) if values and all(v is not None for v in values) else None
+
+
+def report(out):
+    """DIR/results.{md,csv,json,png} and DIR/<data>/grid.png from whatever has finished; returns the json dict."""
+    spec = load_spec(out)
+    source, paper = PAPERS.get((spec['method'], spec['pretrain']), (None, {}))
+    rows = []
+    for name in spec['data']:
+        cells = phase1_cells(spec, name)
+        statuses = [c.status() for c in cells]
+        best = chosen_of(spec, name)
+        row = dict(data=name, lr=None, wd=None, prompts=None, val_accuracy=None, seeds=[], test_accuracies=[],
+                   mean=None, std=None, n=0, tuned_params=None, paper=paper.get(name), delta=None)
+        if best is None:
+            failed = [c.failure() for c, s in zip(cells, statuses) if s == 'failed']
+            row['status'] = (f"phase 1: {statuses.count('done')} of {len(cells)} cells done"
+                             + (f", {len(failed)} failed ({'; '.join(failed)})" if failed else ''))
+        else:
+            row.update(lr=best[0], wd=best[1], prompts=best[2], val_accuracy=best[3])
+            done = []
+            for cell in phase2_cells(spec, name):
+                res = cell.result()
+                if res is not None:
+                    done.append((cell.seed, res))
+            row['seeds'] = [s for s, _ in done]
+            row['test_accuracies'] = [r['accuracy'] for _, r in done]
+            row['n'] = len(done)
+            row['mean'] = mean_or_none(row['test_accuracies'])
+            row['std'] = statistics.stdev(row['test_accuracies']) if len(done) >= 2 else None
+            row['tuned_params'] = (done[0][1] if done else cells[0].result())['tuned_params']
+            failed = [c.failure() for c in phase2_cells(spec, name) if c.status() == 'failed']
+            row['status'] = (f"{len(done)} of {len(spec['seeds'])} seeds done"
+                             + (f", {len(failed)} failed ({'; '.join(failed)})" if failed else ''))
+        if row['mean'] is not None and row['paper'] is not None:
+            row['delta'] = row['mean'] - row['paper']
+        rows.append(row)
+        grid_png(spec, name, cells, best)
+    means = {r['data']: r['mean'] for r in rows}
+    groups = {}
+    for g, members in SUITES.items():
+        if all(m in means for m in members):
+            groups[g] = mean_or_none([means[m] for m in members])
+    result = dict(method=spec['method'], pretrain=spec['pretrain'], paper_source=source, rows=rows, groups=groups,
+                  paper_groups={g: paper.get(g) for g in groups})
+    train.atomic_json(result, os.path.join(out, 'results.json'))
+    write_csv(rows, os.path.join(out, 'results.csv'))
+    md = markdown(spec, result)
+    with open(os.path.join(out, 'results.md'), 'w') as f:
+        f.write(md)
+    results_png(spec, rows, source, os.path.join(out, 'results.png'))
+    print(md, end='')
+    return result
+
+
+def fmt(v, spec='.2f'):
+    return '—' if v is None else format(v, spec)
+
+
+def prompts_shown(spec, row):
+    if row['prompts'] is None:
+        return '—' if row['lr'] is None or spec['method'] in ('linear', 'full') else "method's"
+    return str(row['prompts'])
+
+
+def markdown(spec, result):
+    src = f" ({result['paper_source']})" if result['paper_source'] else ' (no published number for this pair)'
+    lines = [f"# {spec['method']}, {spec['pretrain']} ({spec['arch']})", '',
+             f"Grid of {len(spec['grid'])} cells on val, then {len(spec['seeds'])} seeds "
+             f"({','.join(map(str, spec['seeds']))}) on test; top-1 %, final epoch; paper{src}.", '',
+             '| data | lr | wd | prompts | val | test mean ± std | n | tuned params | paper | Δ | status |',
+             '|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|']
+    for r in result['rows']:
+        test = '—' if r['mean'] is None else fmt(r['mean']) + ('' if r['std'] is None else f" ± {r['std']:.2f}")
+        lines.append(f"| {r['data']} | {fmt(r['lr'], 'g')} | {fmt(r['wd'], 'g')} | "
+                     f"{prompts_shown(spec, r)} | "
+                     f"{fmt(r['val_accuracy'])} | {test} | {r['n']} | {fmt(r['tuned_params'], ',d')} | "
+                     f"{fmt(r['paper'])} | {fmt(r['delta'], '+.2f')} | {r['status']} |")
+    if result['groups']:
+        lines += ['', '| group | ours | paper | Δ |', '|---|--:|--:|--:|']
+        for g, v in result['groups'].items():
+            p = result['paper_groups'][g]
+            d = v - p if v is not None and p is not None else None
+            lines.append(f"| {GROUP_NAMES[g]} | {fmt(v)} | {fmt(p)} | {fmt(d, '+.2f')} |")
+    return '\n'.join(lines) + '\n'
+
+
+def write_csv(rows, path):
+    keys = ['data', 'lr', 'wd', 'prompts', 'val_accuracy', 'seeds', 'test_accuracies', 'mean', 'std', 'n',
+            'tuned_params', 'paper', 'delta', 'status']
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(keys)
+        for r in rows:
+            w.writerow([';'.join(map(str, r[k])) if isinstance(r[k], list) else '' if r[k] is None else r[k]
+                        for k in keys])
+
+
+def grid_png(spec, name, cells, best):
+    """Val accuracy over the grid: one heatmap (lr x wd) per prompt length, values in the cells, chosen marked."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    lrs = sorted({c.lr for c in cells})
+    wds = sorted({c.wd for c in cells})
+    prompts = sorted({c.prompts for c in cells}, key=lambda p: -1 if p is None else p)
+    fig, axes = plt.subplots(1, len(prompts), figsize=(1.2 + 1.1 * len(wds) * len(prompts), 1 + 0.45 * len(lrs)),
+                             squeeze=False)
+    for ax, p in zip(axes[0], prompts):
+        acc = [[math.nan] * len(wds) for _ in lrs]
+        for c in cells:
+            if c.prompts == p and c.result() is not None:
+                acc[lrs.index(c.lr)][wds.index(c.wd)] = c.result()['accuracy']
+        ax.imshow(acc, cmap='viridis', aspect='auto', vmin=0, vmax=100)
+        for i, row in enumerate(acc):
+            for j, v in enumerate(row):
+                chosen = best is not None and (lrs[i], wds[j], p) == best[:3]
+                ax.text(j, i, ('—' if math.isnan(v) else f"{v:.1f}") + (' *' if chosen else ''), ha='center',
+                        va='center', color='white' if math.isnan(v) or v < 60 else 'black', fontsize=8,
+                        fontweight='bold' if chosen else 'normal')
+                if chosen:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor='red', lw=2))
+        ax.set_xticks(range(len(wds)), [f"{w:g}" for w in wds])
+        ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs])
+        ax.set_xlabel('weight decay')
+        ax.set_ylabel('lr')
+        ax.set_title(f"{name} val %" + ('' if p is None else f", {p} prompts"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(spec['out'], name, 'grid.png'), dpi=100)
+    plt.close(fig)
+
+
+def results_png(spec, rows, source, path):
+    """Ours (mean ± std over the seeds) vs the paper, per dataset."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(rows), 3.5))
+    ours = [math.nan if r['mean'] is None else r['mean'] for r in rows]
+    err = [0 if r['std'] is None else r['std'] for r in rows]
+    ax.bar([i - 0.2 for i in x], ours, 0.4, yerr=err, label='ours (mean ± std)')
+    ax.bar([i + 0.2 for i in x], [math.nan if r['paper'] is None else r['paper'] for r in rows], 0.4,
+           label=f"paper ({source})" if source else 'paper')
+    ax.set_xticks(list(x), [r['data'] for r in rows], rotation=45, ha='right', fontsize=8)
+    ax.set_ylabel('test top-1 %')
+    ax.set_title(f"{spec['method']}, {spec['pretrain']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    args, extra = parse_args(argv)
+    if args.report is not None:
+        report(args.report)
+        return 0
+    names = datasets_of(args.data)
+    out = args.out or os.path.join('sweeps', f"{args.method}-{args.pretrain}-{args.data.replace(',', '+')}")
+    spec = dict(method=args.method, pretrain=args.pretrain, arch=args.arch, img_size=args.img_size,
+                weights=os.path.abspath(args.weights) if args.weights else None, data_root=args.data_root,
+                data=names, grid=grid_of(args, extra), seeds=args.seeds, extra=extra, out=out)
+    intended_config(phase1_cells(spec, names[0])[0].args)  # train.py's own check of the flags, before anything runs
+    if args.dry_run:
+        dry_run(spec)
+        return 0
+    for name in names:  # every existing cell directory must hold this sweep's configuration
+        for cell in phase1_cells(spec, name) + phase2_cells(spec, name):
+            cell.check()
+    os.makedirs(out, exist_ok=True)
+    train.atomic_json(spec, os.path.join(out, 'sweep.json'))
+    if args.print_commands:
+        print_commands(spec)
+        return 0
+    if args.launcher == 'local':
+        gpus = visible_gpus(args.gpus)
+        launcher = LocalLauncher(args.jobs or max(len(gpus), 1), gpus)
+    else:
+        launcher = SubmititLauncher(args, out)
+    t0 = time.time()
+    failed = execute(spec, launcher)
+    print(f"sweep finished in {hms(time.time() - t0)}; {len(failed)} failed; report in {out}/results.md", flush=True)
+    report(out)
+    for cell in failed:
+        print(f"error: {cell.data} {cell.key} failed; see {cell.log}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
