@@ -343,6 +343,8 @@ def intended_config(argv):
         cfg, _ = train.parse_args(argv)
     except SystemExit:  # argparse has printed its message
         raise SweepError(f"train.py refuses the flags {shlex.join(argv)}") from None
+    except train.RunError as e:  # a value that cannot work (a negative lr, ...) or an option of another method
+        raise SweepError(f"train.py refuses {shlex.join(argv)}: {e}") from None
     return cfg
 
 
@@ -742,7 +744,8 @@ def main(argv):
     spec = dict(method=args.method, pretrain=args.pretrain, arch=args.arch, img_size=args.img_size,
                 weights=os.path.abspath(args.weights) if args.weights else None, data_root=args.data_root,
                 data=names, grid=grid_of(args, extra), seeds=args.seeds, extra=extra, out=out)
-    intended_config(phase1_cells(spec, names[0])[0].args)  # train.py's own check of the flags, before anything runs
+    for cell in phase1_cells(spec, names[0]):  # train.py's own check of every cell's flags, before anything runs
+        intended_config(cell.args)
     if args.dry_run:
         dry_run(spec)
         return 0

@@ -48,7 +48,7 @@ def sweeps(tmp_path_factory):
         f.unlink()
     runs = {
         'e2e': TINY + GRID + ['--jobs', '2'] + FIXED,
-        'failing': TINY + ['--data', 'digits', '--lr', 'nan,0.1', '--wd', '0', '--seeds', '0'] + FIXED,
+        'failing': TINY + ['--data', 'digits', '--lr', '1e30,0.1', '--wd', '0', '--seeds', '0'] + FIXED,  # diverges
         'submitit': TINY + ['--data', 'digits', '--lr', '0.1', '--wd', '0', '--seeds', '3', '--launcher',
                             'submitit-local'] + FIXED,
         'linear': ['--method', 'linear'] + TINY[2:-2] + ['--data', 'digits', '--lr', '0.5,0.1', '--wd', '0,0.001',
@@ -203,13 +203,21 @@ def test_killed_sweep_rerun_does_not_redo_finished_cells(tmp_path):
     assert read(out / 'results.json')['rows'][0]['n'] == 1
 
 
+def test_a_value_train_py_refuses_stops_the_sweep_before_any_cell(tmp_path):
+    # a grid value that cannot work (here the second lr) is one error line, and nothing is run or written
+    rc, stdout, stderr = finish(start(TINY + ['--data', 'digits', '--lr', '0.1,-1', '--wd', '0', '--seeds', '0',
+                                              '--out', str(tmp_path / 'bad')] + FIXED))
+    assert rc == 1 and stderr.startswith('error: train.py refuses ') and stderr.count('\n') == 1, stderr
+    assert stderr.rstrip().endswith('--lr -1 must be positive') and not (tmp_path / 'bad').exists()
+
+
 def test_failing_cell_is_isolated_and_named(sweeps):
     out, proc = sweeps['failing']
     rc, stdout, stderr = finish(proc)
     assert rc == 1
-    log = out / 'digits' / 'val' / 'lrnan_wd0_p4' / 'train.log'
+    log = out / 'digits' / 'val' / 'lr1e+30_wd0_p4' / 'train.log'
     assert 'non-finite loss' in log.read_text()
-    assert f"error: digits lrnan_wd0_p4 failed; see {log}" in stderr
+    assert f"error: digits lr1e+30_wd0_p4 failed; see {log}" in stderr
     assert read(out / 'digits' / 'val' / 'lr0.1_wd0_p4' / 'result.json')['eval_split'] == 'val'  # the other ran
     (row,) = read(out / 'results.json')['rows']
     assert row['mean'] is None and '1 of 2 cells done, 1 failed' in row['status'] and str(log) in row['status']
