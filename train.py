@@ -584,6 +584,46 @@ def claim_run_dir(out, overwrite, remove=True):
                     os.remove(path)
 
 
+def open_run_dir(cfg, explicit, rank):
+    """The run directory of a fresh start, an overwrite or a resume -> (configuration, checkpoint or None).
+    A fresh start refuses a directory that holds a run (claim_run_dir). A resume continues the configuration
+    recorded in last.pt: an explicitly given flag may differ from it only if it is in RESUME_OVERRIDES."""
+    out = cfg['out']
+    if not cfg['resume']:
+        claim_run_dir(out, cfg['overwrite'], remove=rank == 0)
+        return cfg, None
+    ckpt_path = os.path.join(out, 'last.pt')
+    ckpt = load_checkpoint(ckpt_path)
+    rec = ckpt['args']
+    if 'method' in explicit and cfg['method'] != rec['method']:
+        raise RunError(f"cannot resume: --method {cfg['method']} differs from the checkpoint's "
+                       f"{rec['method']} ({ckpt_path})")
+    changed = [f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {rec.get(k)!r})" for k in sorted(explicit)
+               if k not in RESUME_OVERRIDES and cfg[k] != rec.get(k)]
+    if changed:
+        raise RunError(f"cannot resume {out} with a different configuration: {', '.join(changed)}")
+    resumed = dict(rec, stop_after_epoch=None)
+    resumed.update({k: v for k, v in cfg.items() if k in explicit and k in RESUME_OVERRIDES})
+    resumed.update(out=out, resume=True, overwrite=False)
+    return resumed, ckpt
+
+
+def decoded_cache(cfg, train_ds, eval_ds, log):
+    """--decoded-cache: both splits decoded and resized once into memory (data.DecodedCache)."""
+    if cfg['data'] not in data.FGVC and not cfg['data'].startswith('vtab-'):
+        raise RunError(f"--decoded-cache is for FGVC and VTAB image files; --data {cfg['data']} is held in "
+                       f"memory already: drop --decoded-cache")
+    t0 = time.time()
+    kw = dict(img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'], workers=cfg['workers'])
+    try:
+        train_ds, eval_ds = data.DecodedCache(train_ds, train=True, **kw), data.DecodedCache(eval_ds, train=False, **kw)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise RunError(f"--decoded-cache: {e}") from None
+    log(f"decoded cache: {len(train_ds) + len(eval_ds)} images, {(train_ds.nbytes + eval_ds.nbytes) / 2**30:.2f} "
+        f"GiB in memory, {time.time() - t0:.0f}s")
+    return train_ds, eval_ds
+
+
 def run(cfg, explicit, rank, world, device):
     """One training run from a parsed configuration (parse_args); main() sets up the processes and devices."""
     t_run = time.time()
@@ -593,28 +633,13 @@ def run(cfg, explicit, rank, world, device):
         return run_grid(cfg, world, device, log)
 
     # ---- the run directory: a fresh start, an overwrite, or a resume
+    cfg, ckpt = open_run_dir(cfg, explicit, rank)
     out = cfg['out']
     ckpt_path, result_path, metrics_path = (os.path.join(out, f) for f in ('last.pt', 'result.json', 'metrics.jsonl'))
-    ckpt = None
-    if cfg['resume']:
-        ckpt = load_checkpoint(ckpt_path)
-        rec, cfg_given = ckpt['args'], cfg
-        if 'method' in explicit and cfg['method'] != rec['method']:
-            raise RunError(f"cannot resume: --method {cfg['method']} differs from the checkpoint's "
-                           f"{rec['method']} ({ckpt_path})")
-        changed = [f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {rec.get(k)!r})" for k in sorted(explicit)
-                   if k not in RESUME_OVERRIDES and cfg[k] != rec.get(k)]
-        if changed:
-            raise RunError(f"cannot resume {out} with a different configuration: {', '.join(changed)}")
-        cfg = dict(rec, stop_after_epoch=None)
-        cfg.update({k: v for k, v in cfg_given.items() if k in explicit and k in RESUME_OVERRIDES})
-        cfg.update(out=out, resume=True, overwrite=False)
-        if ckpt['epoch'] >= cfg['epochs'] and os.path.exists(result_path):
-            log(f"{out} finished all {cfg['epochs']} epochs already; its result.json stands")
-            with open(result_path) as f:
-                return json.load(f)
-    else:
-        claim_run_dir(out, cfg['overwrite'], remove=rank == 0)
+    if ckpt is not None and ckpt['epoch'] >= cfg['epochs'] and os.path.exists(result_path):
+        log(f"{out} finished all {cfg['epochs']} epochs already; its result.json stands")
+        with open(result_path) as f:
+            return json.load(f)
     if cfg['accum'] < 1 or cfg['batch_size'] % (world * cfg['accum']):
         raise RunError(f"--batch-size {cfg['batch_size']} must be divisible by processes x --accum "
                        f"= {world} x {cfg['accum']}")
@@ -638,18 +663,8 @@ def run(cfg, explicit, rank, world, device):
 
     workers = cfg['workers']
     if cfg.get('decoded_cache'):  # absent in older checkpoints; decoded after the (cheap) checks above
-        if cfg['data'] not in data.FGVC and not cfg['data'].startswith('vtab-'):
-            raise RunError(f"--decoded-cache is for FGVC and VTAB image files; --data {cfg['data']} is held in "
-                           f"memory already: drop --decoded-cache")
-        t0 = time.time()
-        kw = dict(img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'], workers=workers)
-        try:
-            train_ds, eval_ds = data.DecodedCache(train_ds, train=True, **kw), data.DecodedCache(eval_ds, train=False, **kw)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise RunError(f"--decoded-cache: {e}") from None
+        train_ds, eval_ds = decoded_cache(cfg, train_ds, eval_ds, log)
         workers = 0  # a batch is now a few memory copies: worker processes would only add transfers
-        log(f"decoded cache: {len(train_ds) + len(eval_ds)} images, {(train_ds.nbytes + eval_ds.nbytes) / 2**30:.2f} "
-            f"GiB in memory, {time.time() - t0:.0f}s")
     distributed = world > 1
     train_loader = data.build_loader(train_ds, micro, train=True, workers=workers, distributed=distributed,
                                      seed=cfg['seed'])
