@@ -95,9 +95,13 @@ def subprocesses(tmp_path_factory):
     }
     procs['root'] = root
     yield procs
-    for name, p in procs.items():
+    for name, p in procs.items():  # a module stopped early (pytest -x): SIGTERM lets torchrun end its workers
         if name != 'root' and p.poll() is None:
-            p.kill()
+            p.terminate()
+            try:
+                p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def finish(proc, timeout=300):
