@@ -716,7 +716,7 @@ def results_png(spec, rows, source, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(rows), 3.5))
+    fig, ax = plt.subplots(figsize=(max(3.5, 1.5 + 0.6 * len(rows)), 3.5))
     ours = [math.nan if r['mean'] is None else r['mean'] for r in rows]
     err = [0 if r['std'] is None else r['std'] for r in rows]
     ax.bar([i - 0.2 for i in x], ours, 0.4, yerr=err, label='ours (mean ± std)')
@@ -725,7 +725,8 @@ def results_png(spec, rows, source, path):
     ax.set_xticks(list(x), [r['data'] for r in rows], rotation=45, ha='right', fontsize=8)
     ax.set_ylabel('test top-1 %')
     ax.set_title(f"{spec['method']}, {spec['pretrain']}", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc='lower center', bbox_to_anchor=(0.5, 1.1), ncol=2, frameon=False)  # above the bars
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
