@@ -520,6 +520,15 @@ def environment(device):
                 python=platform.python_version(), git_commit=commit)
 
 
+def resolved_fields(model, num_classes, world, micro, steps_per_epoch, dtype, train_split, eval_split):
+    """What a built run adds to its configuration (recorded in last.pt and result.json): the options read back from
+    the model, the backbone's identity, the batch split and the schedule's step count."""
+    return dict(num_classes=num_classes, backbone_identity=model.backbone.identity, world_size=world,
+                micro_batch=micro, steps_per_epoch=steps_per_epoch,
+                amp_dtype=str(dtype).replace('torch.', '') if dtype else 'float32', train_split=train_split,
+                eval_split_name=eval_split, model_options=methods.built_options(model))
+
+
 def result_record(cfg, accuracy, tuned, total, identity, wall_time_s, device):
     """result.json: what a table needs at the top level, then the whole resolved configuration."""
     return dict(method=cfg['method'], data=cfg['data'], eval_split=cfg['eval_split'], accuracy=accuracy,
@@ -715,9 +724,7 @@ def run(cfg, explicit, rank, world, device):
         seed_everything(cfg['seed'] + rank)
 
     # ---- the resolved configuration (recorded in last.pt and result.json)
-    cfg.update(num_classes=num_classes, backbone_identity=identity, world_size=world, micro_batch=micro,
-               steps_per_epoch=steps_per_epoch, amp_dtype=str(dtype).replace('torch.', '') if dtype else 'float32',
-               train_split=train_split, eval_split_name=eval_split, model_options=methods.built_options(model))
+    cfg.update(resolved_fields(model, num_classes, world, micro, steps_per_epoch, dtype, train_split, eval_split))
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         if ckpt is None:  # a fresh start: no lines of an earlier attempt
@@ -870,9 +877,7 @@ def run_grid(cfg, world, device, log):
         f"(lr {','.join(f'{v:g}' for v in lrs)} x wd {','.join(f'{v:g}' for v in wds)}), {tuned:,} tuned parameters "
         f"each; {how}; out {cfg['out']}")
     for c in cells:
-        c.update(num_classes=num_classes, backbone_identity=identity, world_size=1, micro_batch=micro,
-                 steps_per_epoch=steps_per_epoch, amp_dtype=str(dtype).replace('torch.', '') if dtype else 'float32',
-                 train_split=train_split, eval_split_name=eval_split, model_options=methods.built_options(model),
+        c.update(resolved_fields(model, num_classes, 1, micro, steps_per_epoch, dtype, train_split, eval_split),
                  grid_features='cached' if cached else 'per batch')
         os.makedirs(c['out'], exist_ok=True)
         open(os.path.join(c['out'], 'metrics.jsonl'), 'w').close()
