@@ -42,7 +42,7 @@ The input-pipeline table (--loader-images N per set, 0 = none; --loader-only = j
 images/s of one loader worker, i.e. decoding + data.py's train transform in this process with one
 thread, on --loader-images synthetic photo-like JPEGs per set (FGVC 500x375, VTAB-1k sizes 32x32,
 256x256, 480x320) in a temporary folder, best of two passes; x 16 workers, and the workers needed for
-GPU_RATE images/s. Then the decoded cache (data.DecodedCache) in the main process: host side alone,
+GPU_RATE images/s. Then the decoded cache (decoded_cache.DecodedCache) in the main process: host side alone,
 and with the flip and normalisation on --device.
 
 Targets (the `target` column; a miss is reported, not raised) and why these bounds:
@@ -101,8 +101,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import decoded_cache
 import methods
 import models
+import runs
 import train
 
 SPT_STRATEGIES = ('random', 'mean', 'max', 'kmeans')
@@ -477,7 +479,7 @@ def loader_rows(args, device, log):
 def cache_rows(ds, label, args, device, log):
     """The decoded cache of `ds` in the main process, best of 3 passes: the host side alone (crop slices,
     collate; what a GPU run pays on the CPU) and with the flip + /255 + normalisation on --device added."""
-    cache = data.DecodedCache(ds, train=True, img_size=args.img_size)
+    cache = decoded_cache.DecodedCache(ds, train=True, img_size=args.img_size)
     loader = data.build_loader(cache, args.batch_size, train=True, workers=0)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
 
@@ -487,7 +489,7 @@ def cache_rows(ds, label, args, device, log):
         for _ in range(epochs):
             for x, _ in loader:
                 if finish:
-                    data.to_device(x, device, cache)
+                    cache.finish(x[0].to(device), x[1].to(device))
         sync()
     rows = []
     for finish, what in ((False, 'host side'), (True, f"host + flip/normalise on {device.type}")):
@@ -702,7 +704,7 @@ def main(argv=None):
 def run(args, argv):
     t_start = time.perf_counter()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    device = train.resolve_device(args.device)
+    device = runs.resolve_device(args.device)
     if args.loader_only:
         loader = loader_rows(args, device, log)
         print(json.dumps(loader, indent=1) if args.json else loader_markdown(loader).lstrip())
@@ -757,4 +759,4 @@ def run(args, argv):
 
 
 if __name__ == '__main__':
-    train.cli(main)
+    runs.cli(main)

@@ -1,36 +1,26 @@
 """
 Datasets, transforms and loaders: FGVC (5 tasks), VTAB-1k (19 tasks) and the offline `digits` set.
 
-Conventions, and where they come from:
-- FGVC: VPT's split files (KMnP/vpt src/data/datasets/json_dataset.py). Each dataset folder holds train.json,
-  val.json and test.json, each one JSON object {relative image path: integer label}. VPT remaps labels
-  per split with sorted(set(labels)); we build the map once from train.json and apply it to every split,
-  so a val file that lacks a class cannot shift the other labels.
-- VTAB-1k: the folder layout written by NOAH's data/vtab-source/get_vtab1k.py and read by SA²VP's
-  datasets.py: vtab-1k/<task>/{train800,val200,train800val200,test}.txt, one "<relative path> <label>"
-  per line, labels 0-based and used as they are.
-- digits: scikit-learn's bundled 8x8 handwritten digits (real data, no download), split 800/200/rest
-  like VTAB-1k, upsampled to the model's input size. The offline demo and CI data.
-- Transforms: VPT for FGVC (Resize 256 -> RandomCrop/CenterCrop 224 -> flip when training), SA²VP
-  datasets.py for VTAB (Resize((224, 224)), no augmentation). mean/std are the caller's choice (ImageNet for
-  VPT/SPT/LSPT, 0.5 for SA²VP).
-- DecodedCache (train.py --decoded-cache): a split decoded and resized once, kept as uint8; the crop
-  offsets and flips are drawn as torchvision draws them, and the flip and normalisation run on the device
-  (`to_device`), for GPUs that outrun JPEG decoding.
+- FGVC: VPT's split files (KMnP/vpt src/data/datasets/json_dataset.py): train.json, val.json and test.json in
+  each dataset folder, each one JSON object {relative image path: integer label}. VPT remaps labels per split
+  with sorted(set(labels)); we build the map once from train.json and apply it to every split, so a val file
+  that lacks a class cannot shift the other labels.
+- VTAB-1k: the folder layout written by NOAH's data/vtab-source/get_vtab1k.py and read by SA²VP's datasets.py:
+  vtab-1k/<task>/{train800,val200,train800val200,test}.txt, one "<relative path> <label>" per line, 0-based.
+- digits: scikit-learn's bundled 8x8 handwritten digits (real data, no download), split 800/200/rest like
+  VTAB-1k, upsampled to the model's input size. The offline demo and the CI data.
+- Transforms: VPT's for FGVC (Resize 256 -> RandomCrop/CenterCrop 224 -> flip when training), SA²VP's
+  datasets.py for VTAB (Resize((224, 224)), no augmentation); mean/std are the backbone's (models.PRETRAIN).
 
-Nothing is skipped or clamped: a missing folder, a missing or malformed split file, a label out of
-range or an unreadable image raises an error that names the path.
-
-Check a dataset on disk with:  python data.py --check cub --data-root /path/to/data
+Nothing is skipped or clamped: a missing folder, a missing or malformed split file, a label out of range or an
+unreadable image raises an error that names the path. Check a dataset on disk (datacheck.py):
+    python data.py --check cub --data-root /path/to/data [--decode]
 """
 
-import argparse
-import hashlib
 import json
 import os
 import re
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -342,122 +332,13 @@ def build_dataset(name, split, root=None, img_size=224, mean=IMAGENET_MEAN, std=
     return ImageListDataset(name, split, folder, samples, classes, transform)
 
 
-def class_names(ds):
-    """Readable class names by label where the dataset has them, else None. digits: '0'..'9'. FGVC sets that keep
-    one folder per class use the folder name without its id (CUB '001.Black_footed_Albatross' -> 'Black footed
-    Albatross', Dogs 'n02085620-Chihuahua' -> 'Chihuahua'); when folders are numbers (NABirds) or do not follow
-    the classes (Flowers, Cars, VTAB), None."""
-    if ds.name == 'digits':
-        return [str(c) for c in range(10)]
-    folders = {}
-    for path, label in ds.samples:
-        folders.setdefault(label, set()).add(Path(path).parent.name)
-    if any(len(f) != 1 for f in folders.values()):
-        return None
-    names = {label: re.sub(r'^(\d+\.|n\d+-)', '', f.pop()).replace('_', ' ') for label, f in folders.items()}
-    if len(set(names.values())) != len(names) or any(n.isdigit() or not n for n in names.values()):
-        return None
-    return [names.get(c, str(c)) for c in range(ds.num_classes)]
-
-
-# -----------------------------------------------------------------------------
-# the decoded cache (opt-in: train.py --decoded-cache)
-
-class _Resized(Dataset):
-    """Decode + the deterministic resize of build_transform, as a uint8 (h, w, 3) array (for building the cache)."""
-
-    def __init__(self, samples, resize):
-        self.samples, self.resize = samples, resize
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        try:
-            return torch.from_numpy(np.asarray(self.resize(load_image(self.samples[i][0])), dtype=np.uint8).copy())
-        except (FileNotFoundError, RuntimeError) as e:  # load_image's error, raised in the main process as it is
-            return e
-
-
-class DecodedCache(Dataset):
-    """An FGVC or VTAB split decoded and resized once, kept in memory as uint8, with the rest of
-    build_transform done per batch: the crop here (a slice of the cached array), the flip, the /255 and
-    the normalisation on the model's device (`to_device`).
-
-    What is cached is the output of the transform's deterministic first step, one array per image, because
-    its shape varies: FGVC keeps Resize(256)'s output (short side 256, the aspect ratio of the photo), so
-    every epoch still draws RandomCrop(224) offsets over the whole resized image; VTAB keeps
-    Resize((224, 224)). Items are ((uint8 (224, 224, 3) crop, bool flip), label).
-    Identical to build_transform: the crop offsets and the flip are drawn with torch's global RNG in
-    torchvision's order (RandomCrop.get_params: row, then column, no draw when the sizes are equal;
-    RandomHorizontalFlip: torch.rand(1) < 0.5), the eval crop is CenterCrop's rounding, and the device
-    step is ToTensor's and Normalize's float32 arithmetic. So with the same RNG state the batches are
-    those of the torchvision pipeline, bit for bit on the CPU.
-    Memory: about 3 x 256 x 341 bytes (260 KB) per FGVC photo, e.g. 1.6 GB for CUB's train split, per process.
-    Build time: one decode of every image, spread over `workers` processes."""
-
-    def __init__(self, dataset, train, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=0):
-        kind = _kind(dataset.name)
-        if kind == 'digits':
-            raise ValueError("the decoded cache is for FGVC and VTAB image files; digits is in memory already")
-        self.name, self.split, self.root = dataset.name, dataset.split, dataset.root
-        self.samples, self.num_classes = dataset.samples, dataset.num_classes
-        self.labels = [label for _, label in self.samples]
-        self.size, self.train = img_size, train and kind == 'fgvc'   # VTAB has no augmentation
-        resize = T.Resize(round(img_size * 256 / 224)) if kind == 'fgvc' else T.Resize((img_size, img_size))
-        self.crop = kind == 'fgvc'
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.images = []                                                    # [(h, w, 3) uint8]
-        for a in DataLoader(_Resized(self.samples, resize), batch_size=None, num_workers=workers):
-            if isinstance(a, Exception):
-                raise a
-            self.images.append(a.clone())                                   # clone: out of worker shared memory
-        self.nbytes = sum(a.numel() for a in self.images)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        img, th = self.images[i], self.size
-        h, w = img.shape[:2]
-        if not self.crop:                                                   # VTAB: already (224, 224)
-            top, left = 0, 0
-        elif not self.train:                                                # CenterCrop
-            top, left = int(round((h - th) / 2.0)), int(round((w - th) / 2.0))
-        elif h == th and w == th:                                           # RandomCrop.get_params
-            top, left = 0, 0
-        else:
-            top = torch.randint(0, h - th + 1, size=(1,)).item()
-            left = torch.randint(0, w - th + 1, size=(1,)).item()
-        flip = self.train and bool(torch.rand(1) < 0.5)                    # RandomHorizontalFlip(0.5)
-        return (img[top:top + th, left:left + th], torch.tensor(flip)), self.labels[i]
-
-    def finish(self, crops, flips):
-        """On the device: (B, H, W, 3) uint8 crops, (B,) flips -> (B, 3, H, W) float32, as ToTensor + Normalize."""
-        x = crops.permute(0, 3, 1, 2).contiguous().float().div(255)         # (B, 3, H, W), dense as ToTensor
-        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
-
-
-def to_device(x, device, dataset):
-    """A collated image batch -> the model's input on `device`: float batches move as they are; a
-    DecodedCache's (uint8 crops, flips) move and are then flipped and normalised there."""
-    if isinstance(dataset, DecodedCache):
-        crops, flips = x
-        return dataset.finish(crops.to(device, non_blocking=True), flips.to(device, non_blocking=True))
-    return x.to(device, non_blocking=True)
-
-
 # -----------------------------------------------------------------------------
 # loaders
 
 class TrainSampler(DistributedSampler):
-    """Training order: a permutation seeded with seed + epoch (DistributedSampler's rule), sharded over
-    the DDP ranks, or over one rank when not distributed, so that a 1-process run and a plain run see
-    the same order and a resumed run only needs set_epoch(epoch). If set_epoch is never called the
-    epoch still advances by one after each pass, so epochs are never silently identical.
-    """
+    """Training order: a permutation seeded with seed + epoch (DistributedSampler's rule), sharded over the DDP
+    ranks (one rank when not distributed, so 1 process and a plain run see the same order); a resumed run only
+    needs set_epoch(epoch). Without set_epoch the epoch still advances after each pass."""
 
     def __iter__(self):
         indices = super().__iter__()  # computed eagerly from seed + epoch
@@ -466,11 +347,9 @@ class TrainSampler(DistributedSampler):
 
 
 class ShardSampler(Sampler):
-    """Evaluation under DDP: rank r gets indices r, r + W, r + 2W, ... in order, WITHOUT padding
-    (DistributedSampler pads by repeating images), so summing correct/total over ranks counts every
-    image exactly once. Ranks may get one batch fewer: evaluate the unwrapped model (no collectives
-    inside forward) and all-reduce the counts afterwards.
-    """
+    """Evaluation under DDP: rank r gets indices r, r + W, r + 2W, ... in order, without DistributedSampler's
+    padding, so correct/total summed over ranks counts every image once (ranks may get one batch fewer: evaluate
+    the unwrapped model, then all-reduce the counts)."""
 
     def __init__(self, dataset, num_replicas=None, rank=None):
         import torch.distributed as dist
@@ -488,16 +367,10 @@ class ShardSampler(Sampler):
 
 
 def build_loader(dataset, batch_size, train, workers=4, distributed=False, seed=0):
-    """DataLoader for one split; batch_size is per process.
-
-    train: shuffled by TrainSampler (seed + epoch; call loader.sampler.set_epoch(epoch) each epoch for an
-    exact resume), sharded over ranks when distributed (DistributedSampler rules: pads to equal length),
-    drop_last=False (a ViT has no batch statistics, so a short last batch is harmless).
-    eval: in order; under DDP each rank takes ShardSampler's rank::world_size share, unpadded.
-    distributed: the caller passes torch.distributed.is_initialized().
-    Augmentation randomness comes from torch's global RNG (worker seeds are drawn from it each epoch;
-    train workers are therefore not persistent).
-    """
+    """DataLoader for one split; batch_size is per process. train: TrainSampler order (call
+    loader.sampler.set_epoch(epoch) each epoch), no drop_last (a ViT has no batch statistics); eval: in order,
+    ShardSampler's share under DDP. Augmentation draws from torch's global RNG (train workers get their seeds
+    from it each epoch, so they are not persistent), which train.py checkpoints."""
     if train:
         if distributed:
             sampler = TrainSampler(dataset, shuffle=True, seed=seed)
@@ -505,80 +378,11 @@ def build_loader(dataset, batch_size, train, workers=4, distributed=False, seed=
             sampler = TrainSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
     else:
         sampler = ShardSampler(dataset) if distributed else None  # None: sequential
-    # train workers are not persistent: each epoch's workers get fresh seeds from torch's global RNG,
-    # which train.py checkpoints, so augmentation after a resume is the same as without one
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False,
                       num_workers=workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=workers > 0 and not train)
 
 
-# -----------------------------------------------------------------------------
-# python data.py --check NAME [--data-root DIR] [--decode]
-
-def unreadable(path):
-    """None if the image at `path` decodes in full, else '<path>: <why>'."""
-    try:
-        with Image.open(path) as im:
-            im.convert('RGB')
-    except Exception as e:
-        return f"{path}: {type(e).__name__}: {e}"
-    return None
-
-
-def check(name, root=None, decode=False, workers=None):
-    """Per split: (split, images, distinct labels, sha256[:16] of the sorted "path label" lines).
-
-    Paths are relative to the dataset folder (digits: the load_digits index) and labels are the remapped
-    ones, so the fingerprint does not depend on where the data lives. Every listed image must exist.
-    decode=True also decodes every image in full (`workers` threads, default the CPU count; PIL releases
-    the GIL while decoding) and raises one ImageError that lists every unreadable image with its path.
-    """
-    kind = _kind(name)
-    splits = FGVC_SPLITS if kind == 'fgvc' else VTAB_SPLITS
-    rows, bad, seen = [], [], set()
-    for split in splits:
-        ds = build_dataset(name, split, root)
-        if kind == 'digits':
-            lines = [f"{i} {label}" for i, label in ds.samples]
-        else:
-            missing = [p for p, _ in ds.samples if not os.path.isfile(p)]
-            if missing:
-                shown = '\n  '.join(missing[:10])
-                raise FileNotFoundError(f"{name} {split}: {len(missing)} of {len(ds.samples)} image files are missing, "
-                                        f"e.g.\n  {shown}")
-            lines = [f"{Path(os.path.relpath(p, ds.root)).as_posix()} {label}" for p, label in ds.samples]
-            if decode:
-                paths = sorted({p for p, _ in ds.samples} - seen)  # an image listed in two splits: once
-                seen.update(paths)
-                with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-                    bad += [(split, msg) for msg in pool.map(unreadable, paths) if msg is not None]
-        digest = hashlib.sha256('\n'.join(sorted(lines)).encode()).hexdigest()[:16]
-        rows.append((split, len(ds.samples), len({label for _, label in ds.samples}), digest))
-    if bad:
-        listed = '\n  '.join(f"{split}: {msg}" for split, msg in bad)
-        raise ImageError(f"{name}: {len(bad)} of {len(seen)} images cannot be decoded; replace or re-extract "
-                         f"them:\n  {listed}")
-    return rows
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check a dataset on disk: one line per split "
-                                     "'<split> <images> <classes> <sha256[:16] of sorted path-label lines>'.")
-    parser.add_argument('--check', required=True, metavar='NAME', help=f"one of: {', '.join(DATASETS)}")
-    parser.add_argument('--data-root', default=None, help="data root (default: $VPT_DATA_ROOT or ./data), "
-                        "or the dataset folder itself")
-    parser.add_argument('--decode', action='store_true', help="also decode every image and list each unreadable "
-                        "one (minutes on NABirds)")
-    parser.add_argument('--workers', type=int, default=None, help="decoding threads (default: the CPU count)")
-    args = parser.parse_args(argv)
-    try:
-        for row in check(args.check, args.data_root, args.decode, args.workers):
-            print(*row)
-    except (FileNotFoundError, ValueError, ImageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # python data.py --check NAME [--data-root DIR] [--decode]
+    import datacheck
+    sys.exit(datacheck.main())

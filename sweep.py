@@ -38,6 +38,8 @@ import sys
 import time
 
 import data
+import linear_grid
+import runs
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -227,7 +229,7 @@ def grid_of(args, extra):
 
 
 def cell_name(lr, wd, prompts):
-    return train.cell_name(lr, wd) + ('' if prompts is None else f"_p{prompts}")
+    return linear_grid.cell_name(lr, wd) + ('' if prompts is None else f"_p{prompts}")
 
 
 def choose(cells):
@@ -276,7 +278,7 @@ class Cell:
             return
         recorded, path = rec
         want = intended_config(self.args)
-        skip = train.RESUME_OVERRIDES | {'device'}
+        skip = runs.RESUME_OVERRIDES | {'device'}
         diff = [f"--{k.replace('_', '-')} {want[k]!r} (recorded: {recorded.get(k)!r})" for k in sorted(want)
                 if k not in skip and not (k in ('mean', 'std') and want[k] is None) and want[k] != recorded.get(k)]
         if diff:
@@ -343,7 +345,7 @@ def intended_config(argv):
         cfg, _ = train.parse_args(argv)
     except SystemExit:  # argparse has printed its message
         raise SweepError(f"train.py refuses the flags {shlex.join(argv)}") from None
-    except train.RunError as e:  # a value that cannot work (a negative lr, ...) or an option of another method
+    except runs.RunError as e:  # a value that cannot work (a negative lr, ...) or an option of another method
         raise SweepError(f"train.py refuses {shlex.join(argv)}: {e}") from None
     return cfg
 
@@ -623,7 +625,7 @@ def report(out):
             groups[g] = mean_or_none([means[m] for m in members])
     result = dict(method=spec['method'], pretrain=spec['pretrain'], paper_source=source, rows=rows, groups=groups,
                   paper_groups={g: paper.get(g) for g in groups})
-    train.atomic_json(result, os.path.join(out, 'results.json'))
+    runs.atomic_json(result, os.path.join(out, 'results.json'))
     write_csv(rows, os.path.join(out, 'results.csv'))
     md = markdown(spec, result)
     with open(os.path.join(out, 'results.md'), 'w') as f:
@@ -754,7 +756,7 @@ def main(argv):
         for cell in phase1_cells(spec, name) + phase2_cells(spec, name):
             cell.check()
     os.makedirs(out, exist_ok=True)
-    train.atomic_json(spec, os.path.join(out, 'sweep.json'))
+    runs.atomic_json(spec, os.path.join(out, 'sweep.json'))
     if args.print_commands:
         print_commands(spec)
         return 0

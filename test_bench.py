@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import runs
 import methods
 import models
 
@@ -209,7 +210,7 @@ def test_help_shows_every_default_and_device(capsys):
 def test_device_and_amp_follow_train_py(capsys):
     import train
     if not torch.cuda.is_available():
-        with pytest.raises(train.RunError, match='--device cuda: torch sees no CUDA device'):
+        with pytest.raises(runs.RunError, match='--device cuda: torch sees no CUDA device'):
             bench.main(['--device', 'cuda'])
     results = bench.main(['--arch', ARCH, '--img-size', '16', '--batch-size', '2', '--iters', '1', '--warmup', '0',
                           '--methods', 'linear', '--prompts', '2', '--threads', '1', '--device', 'cpu', '--json'])

@@ -15,6 +15,9 @@ import torch
 from PIL import Image
 
 import data
+import datacheck
+import decoded_cache
+import maps
 
 HERE = Path(__file__).resolve().parent
 
@@ -308,7 +311,7 @@ def test_error_unreadable_and_missing_image(root, monkeypatch):
         ds[1]
     monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')  # check() builds with the default strict_classes
     with pytest.raises(FileNotFoundError, match=r"(?s)flowers train: 1 of 6 image files are missing.*train00001\.jpg"):
-        data.check('flowers', root / 'OxfordFlower')  # --check finds it up front
+        datacheck.check('flowers', root / 'OxfordFlower')  # --check finds it up front
     # the loader propagates the error with the path
     with pytest.raises(data.ImageError, match='image_train00001'):
         list(data.build_loader(torch.utils.data.Subset(ds, [1]), 2, train=False, workers=0))
@@ -352,20 +355,20 @@ def test_check_decode_lists_every_unreadable_image(root, monkeypatch, capsys):
     write_truncated_jpeg(truncated)
     garbage = folder / 'Images' / sorted(json.loads((folder / 'test.json').read_text()))[1]
     garbage.write_bytes(b'GIF89a but not really')
-    assert len(data.check('dogs', root)) == 3  # without --decode the files only have to exist
+    assert len(datacheck.check('dogs', root)) == 3  # without --decode the files only have to exist
     with pytest.raises(data.ImageError) as info:
-        data.check('dogs', root, decode=True, workers=2)
+        datacheck.check('dogs', root, decode=True, workers=2)
     message = str(info.value)
     assert message.startswith('dogs: 2 of 12 images cannot be decoded')
     assert f"val: {truncated}: OSError" in message and f"test: {garbage}: " in message
     with pytest.raises(data.ImageError, match=str(truncated)):
         data.load_image(str(truncated))  # the same file fails at load time
-    assert data.main(['--check', 'dogs', '--data-root', str(root), '--decode']) == 1
+    assert datacheck.main(['--check', 'dogs', '--data-root', str(root), '--decode']) == 1
     err = capsys.readouterr().err
     assert err.startswith('error: dogs: 2 of 12 images') and str(garbage) in err and 'Traceback' not in err
     for p in (truncated, garbage):
         write_jpeg(p, (20, 20), seed=3)
-    assert data.main(['--check', 'dogs', '--data-root', str(root), '--decode']) == 0
+    assert datacheck.main(['--check', 'dogs', '--data-root', str(root), '--decode']) == 0
 
 
 def test_error_unknown_split(root):
@@ -460,12 +463,12 @@ def test_build_loader_distributed(tmp_path):
 # ----------------------------------------------------------------------------- python data.py --check
 
 def test_check_function(root):
-    rows = data.check('vtab-dtd', root)
+    rows = datacheck.check('vtab-dtd', root)
     assert [r[:3] for r in rows] == [('train800', 4, 4), ('val200', 2, 2), ('train800val200', 6, 6), ('test', 3, 3)]
     assert all(len(r[3]) == 16 for r in rows)
     # the fingerprint uses folder-relative paths, so it does not depend on how the folder was reached
-    assert data.check('vtab-dtd', root / 'vtab-1k' / 'dtd') == rows
-    assert rows[0][3] != data.check('vtab-eurosat', root)[0][3]
+    assert datacheck.check('vtab-dtd', root / 'vtab-1k' / 'dtd') == rows
+    assert rows[0][3] != datacheck.check('vtab-eurosat', root)[0][3]
 
 
 def test_check_cli(cli_runs, monkeypatch):
@@ -475,25 +478,25 @@ def test_check_cli(cli_runs, monkeypatch):
     lines = [line.split() for line in out.splitlines()]
     assert [line[:3] for line in lines] == [['train', '6', '3'], ['val', '3', '2'], ['test', '3', '3']]
     monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')
-    assert [line[3] for line in lines] == [r[3] for r in data.check('dogs', root)]
+    assert [line[3] for line in lines] == [r[3] for r in datacheck.check('dogs', root)]
     out, err = runs['missing'].communicate(timeout=120)
     assert runs['missing'].returncode == 1 and out == ''
     assert err.startswith('error: ') and 'vtab-1k/sun397' in err and 'train800.txt' in err and 'Traceback' not in err
 
 
 def test_class_names():
-    assert data.class_names(data.build_dataset('digits', 'val200', img_size=8)) == [str(c) for c in range(10)]
+    assert maps.class_names(data.build_dataset('digits', 'val200', img_size=8)) == [str(c) for c in range(10)]
     ds = data.ImageListDataset('cub', 'val', Path('/r'), [('/r/images/001.Black_footed_Albatross/a.jpg', 0),
                                                           ('/r/images/003.Sooty_Albatross/b.jpg', 2)], 3, None)
-    assert data.class_names(ds) == ['Black footed Albatross', '1', 'Sooty Albatross']  # '1': absent from the split
+    assert maps.class_names(ds) == ['Black footed Albatross', '1', 'Sooty Albatross']  # '1': absent from the split
     dogs = data.ImageListDataset('dogs', 'val', Path('/r'), [('/r/Images/n02085620-Chihuahua/a.jpg', 0),
                                                              ('/r/Images/n02085782-Japanese_spaniel/b.jpg', 1)],
                                  2, None)
-    assert data.class_names(dogs) == ['Chihuahua', 'Japanese spaniel']
+    assert maps.class_names(dogs) == ['Chihuahua', 'Japanese spaniel']
     for samples in ([('/r/images/0817/a.jpg', 0), ('/r/images/0818/b.jpg', 1)],          # NABirds: folders are ids
                     [('/r/images/train800/0.jpg', 0), ('/r/images/train800/1.jpg', 1)],  # VTAB: one folder
                     [('/r/A/0.jpg', 0), ('/r/B/1.jpg', 0)]):                             # a class in two folders
-        assert data.class_names(data.ImageListDataset('x', 'val', Path('/r'), samples, 2, None)) is None
+        assert maps.class_names(data.ImageListDataset('x', 'val', Path('/r'), samples, 2, None)) is None
 
 
 # ----------------------------------------------------------------------------- the decoded cache
@@ -519,7 +522,7 @@ def test_decoded_cache_equals_torchvision_transform(root, name, train, img_size)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
     split = 'train' if name == 'cub' else 'train800'
     ds = build(name, split, root, img_size=img_size, mean=mean, std=std, train=train)
-    cache = data.DecodedCache(ds, train=train, img_size=img_size, mean=mean, std=std)
+    cache = decoded_cache.DecodedCache(ds, train=train, img_size=img_size, mean=mean, std=std)
     short = round(img_size * 256 / 224) if name == 'cub' else img_size
     assert all(min(a.shape[:2]) == short for a in cache.images)
     ref, got = cached_vs_torchvision(ds, cache, seed=3)
@@ -532,7 +535,7 @@ def test_decoded_cache_equals_torchvision_transform(root, name, train, img_size)
 def test_decoded_cache_crop_and_flip_statistics(root):
     # one cached 20x23 "image" whose pixels encode their own position: a crop's corner gives its offset
     ds = build('cub', 'train', root, img_size=16, train=True)
-    cache = data.DecodedCache(ds, train=True, img_size=16)
+    cache = decoded_cache.DecodedCache(ds, train=True, img_size=16)
     h, w, n = 20, 23, 6000
     r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
     cache.images[0] = torch.stack([r, c, torch.zeros_like(r)], -1).to(torch.uint8)
@@ -558,16 +561,14 @@ def test_decoded_cache_crop_and_flip_statistics(root):
     assert abs(flips - n / 2) <= 5 * (n / 4) ** 0.5, flips
 
 
-def test_decoded_cache_loader_and_to_device(root):
+def test_decoded_cache_device_loader(root):
     ds = build('cub', 'train', root, img_size=16, train=True)
-    cache = data.DecodedCache(ds, train=True, img_size=16, workers=2)   # built by 2 worker processes
+    cache = decoded_cache.DecodedCache(ds, train=True, img_size=16, workers=2)   # built by 2 worker processes
     assert len(cache) == len(ds) and cache.nbytes == sum(a.numel() for a in cache.images)
-    loader = data.build_loader(cache, 4, train=True, workers=0)
+    loader = decoded_cache.DeviceLoader(data.build_loader(cache, 4, train=True, workers=0), torch.device('cpu'))
+    assert len(loader) == len(data.build_loader(cache, 4, train=True, workers=0)) and loader.sampler is not None
     x, y = next(iter(loader))
-    x = data.to_device(x, torch.device('cpu'), cache)
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.shape == (4,)
     assert x.is_contiguous()   # as ToTensor's: a channels-last input would change the patch-embedding kernel
-    plain = data.build_loader(ds, 4, train=True, workers=0)
-    assert data.to_device(next(iter(plain))[0], torch.device('cpu'), ds).shape == (4, 3, 16, 16)
     with pytest.raises(ValueError, match='digits'):
-        data.DecodedCache(data.build_dataset('digits', 'train800', img_size=16), train=True, img_size=16)
+        decoded_cache.DecodedCache(data.build_dataset('digits', 'train800', img_size=16), train=True, img_size=16)

@@ -15,6 +15,7 @@ import torch
 import bench
 import eval as eval_py
 import methods
+import runs
 import train
 from test_train import TINY, one_thread  # noqa: F401  (the tiny run's flags; one torch thread for this module)
 from train import RunError
@@ -84,13 +85,13 @@ def test_every_option_has_a_flag_and_every_flag_an_option(monkeypatch):
 def test_every_flag_reaches_the_model_and_reads_back(method):
     actions = option_flags(train.build_parser())
     cfg, _ = train.parse_args(TINY + ['--method', method, '--img-size', '16'])
-    default, _ = train.build(cfg, CPU)
+    default = train.build(dict(cfg, num_classes=10), CPU)
     defaults = methods.built_options(default)
     assert set(defaults) == set(methods.init_options(methods.METHODS[method]))
     for k, current in defaults.items():
         argv, value = flag_value(actions[k], current)
         cfg, _ = train.parse_args(TINY + ['--method', method, '--img-size', '16', actions[k].option_strings[0], *argv])
-        model, _ = train.build(cfg, CPU)
+        model = train.build(dict(cfg, num_classes=10), CPU)
         assert methods.built_options(model)[k] == value, k   # (others may follow it: VPT's dropout, the depth)
     # the record is enough to rebuild the same model
     again = methods.build_model(method, default.backbone, 10, **defaults)
@@ -112,7 +113,7 @@ def test_flag_of_another_method_is_an_error_line(monkeypatch, capsys):
                 train.parse_args(TINY + ['--method', method, action.option_strings[0], *argv])
     monkeypatch.setattr(sys, 'argv', ['train.py', *TINY, '--method', 'sa2vp', '--prompts', '4', '--depth', 'deep'])
     with pytest.raises(SystemExit) as exit_:
-        train.cli(train.main)
+        runs.cli(train.main)
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err == ("error: --prompts, --depth: not an option of --method sa2vp; its options "
                                              "are --sa2vp-dim, --sa2vp-gamma, --sa2vp-lambda, --sa2vp-window, "
@@ -128,7 +129,7 @@ def test_an_option_that_does_not_read_back_is_an_error(monkeypatch):
             self.init = gate_init
     monkeypatch.setitem(methods.METHODS, 'gated', Gated)
     cfg, _ = train.parse_args(TINY + ['--method', 'vpt', '--img-size', '16'])
-    backbone = train.build(cfg, CPU)[0].backbone
+    backbone = train.build(dict(cfg, num_classes=10), CPU).backbone
     with pytest.raises(TypeError, match=r'Gated.options\(\) gives no value for gate_init'):
         methods.build_model('gated', backbone, 10)
     Gated.options = lambda self: dict(methods.VPT.options(self), gate_init=self.init)

@@ -1,0 +1,85 @@
+"""
+python data.py --check NAME [--data-root DIR] [--decode]: a dataset on disk checked split by split, one line
+each: '<split> <images> <classes> <sha256[:16] of the sorted "path label" lines>'. Every listed image must
+exist; --decode also decodes every image and lists each one that cannot be read.
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from data import DATASETS, FGVC_SPLITS, VTAB_SPLITS, ImageError, _kind, build_dataset
+
+
+def unreadable(path):
+    """None if the image at `path` decodes in full, else '<path>: <why>'."""
+    try:
+        with Image.open(path) as im:
+            im.convert('RGB')
+    except Exception as e:
+        return f"{path}: {type(e).__name__}: {e}"
+    return None
+
+
+def check(name, root=None, decode=False, workers=None):
+    """Per split: (split, images, distinct labels, sha256[:16] of the sorted "path label" lines).
+
+    Paths are relative to the dataset folder (digits: the load_digits index) and labels are the remapped
+    ones, so the fingerprint does not depend on where the data lives. Every listed image must exist.
+    decode=True also decodes every image in full (`workers` threads, default the CPU count; PIL releases
+    the GIL while decoding) and raises one ImageError that lists every unreadable image with its path.
+    """
+    kind = _kind(name)
+    splits = FGVC_SPLITS if kind == 'fgvc' else VTAB_SPLITS
+    rows, bad, seen = [], [], set()
+    for split in splits:
+        ds = build_dataset(name, split, root)
+        if kind == 'digits':
+            lines = [f"{i} {label}" for i, label in ds.samples]
+        else:
+            missing = [p for p, _ in ds.samples if not os.path.isfile(p)]
+            if missing:
+                shown = '\n  '.join(missing[:10])
+                raise FileNotFoundError(f"{name} {split}: {len(missing)} of {len(ds.samples)} image files are missing, "
+                                        f"e.g.\n  {shown}")
+            lines = [f"{Path(os.path.relpath(p, ds.root)).as_posix()} {label}" for p, label in ds.samples]
+            if decode:
+                paths = sorted({p for p, _ in ds.samples} - seen)  # an image listed in two splits: once
+                seen.update(paths)
+                with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+                    bad += [(split, msg) for msg in pool.map(unreadable, paths) if msg is not None]
+        digest = hashlib.sha256('\n'.join(sorted(lines)).encode()).hexdigest()[:16]
+        rows.append((split, len(ds.samples), len({label for _, label in ds.samples}), digest))
+    if bad:
+        listed = '\n  '.join(f"{split}: {msg}" for split, msg in bad)
+        raise ImageError(f"{name}: {len(bad)} of {len(seen)} images cannot be decoded; replace or re-extract "
+                         f"them:\n  {listed}")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check a dataset on disk: one line per split "
+                                     "'<split> <images> <classes> <sha256[:16] of sorted path-label lines>'.")
+    parser.add_argument('--check', required=True, metavar='NAME', help=f"one of: {', '.join(DATASETS)}")
+    parser.add_argument('--data-root', default=None, help="data root (default: $VPT_DATA_ROOT or ./data), "
+                        "or the dataset folder itself")
+    parser.add_argument('--decode', action='store_true', help="also decode every image and list each unreadable "
+                        "one (minutes on NABirds)")
+    parser.add_argument('--workers', type=int, default=None, help="decoding threads (default: the CPU count)")
+    args = parser.parse_args(argv)
+    try:
+        for row in check(args.check, args.data_root, args.decode, args.workers):
+            print(*row)
+    except (FileNotFoundError, ValueError, ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

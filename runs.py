@@ -1,0 +1,294 @@
+"""
+The run directory contract of train.py and eval.py: where a run lives, how it starts, resumes and stops, and what
+it records. The training loop itself is train.py; this is the bookkeeping around it (MAE's util/misc.py plays
+this part in facebookresearch/mae).
+
+    <out>/metrics.jsonl  one JSON object per epoch
+    <out>/last.pt        tuned tensors only, optimizer, scaler, step, epoch, RNG states, the configuration
+                         ('args'), the backbone identity; written atomically (write, then rename)
+    <out>/result.json    the final accuracy and what a table needs, the environment, the whole configuration
+
+A fresh start refuses a directory that holds a run unless --overwrite; --resume continues the configuration
+recorded in last.pt, and an explicitly given flag may differ from it only if it is in RESUME_OVERRIDES. Every
+anticipated failure is a RunError, which `cli` prints as one `error: ...` line (exit status 1; 130 for Ctrl-C).
+"""
+
+import json
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+
+# what --resume may change; every other explicitly given flag must equal the checkpoint's value
+RESUME_OVERRIDES = {'resume', 'overwrite', 'out', 'workers', 'data_root', 'weights', 'log_interval',
+                    'stop_after_epoch', 'compile', 'device', 'grad_checkpointing', 'decoded_cache'}
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or must stop; the CLI prints the message and exits with status 1."""
+
+
+class Interrupted(RunError):
+    """Ctrl-C: the CLI prints the message and exits with status 130, as a shell does for SIGINT."""
+
+
+def cli(main_fn):
+    """Run main_fn on the command line. An anticipated failure (RunError, an unreadable image, Ctrl-C) prints one
+    `error: ...` line, no traceback, and exits with status 1 (130 for Ctrl-C)."""
+    try:
+        main_fn(sys.argv[1:])
+    except (RunError, data.ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, Interrupted) else 1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def resolve_device(name):
+    """--device auto|cpu|cuda|cuda:N -> torch.device (auto: cuda when available). Asking for CUDA where there is
+    none is a RunError, never a silent fallback to the CPU."""
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', name):
+        raise RunError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if name in ('auto', 'cpu'):
+        return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else 'cpu')
+    if not torch.cuda.is_available():
+        raise RunError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, built for CUDA "
+                       f"{torch.version.cuda or 'none'}); pass --device cpu, or install the torch build for this "
+                       f"machine's CUDA version (README: 'Set up')")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise RunError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                       f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def run_name(cfg, explicit, named):
+    """runs/<method>-<data>-<pretrain>-<arch>-<eval split>-seed<seed>, then one -<flag><value> per explicitly given
+    flag of `named` (numbers as lr0.1, words as depth_shallow, --no-sa2vp-dropout as no_sa2vp_dropout), so that
+    runs that differ in anything that changes their result never share a directory."""
+    arch = cfg['arch'].removeprefix('vit_').removesuffix('_224')
+    parts = [cfg['method'], cfg['data'], cfg['pretrain'], arch, cfg['eval_split'], f"seed{cfg['seed']}"]
+    for k in named:
+        v = cfg[k]
+        if k not in explicit or v is None:
+            continue
+        if isinstance(v, bool):
+            parts.append(k if v else f'no_{k}')
+        elif isinstance(v, str):
+            parts.append(f'{k}_{v}')
+        else:
+            parts.append(k + ','.join(format(x, 'g') for x in (v if isinstance(v, list) else [v])))
+    return os.path.join('runs', '-'.join(parts))
+
+
+# -----------------------------------------------------------------------------
+# starting, resuming
+
+
+def claim(out, overwrite, remove=True):
+    """A fresh start in `out`: refused when it holds a run, unless --overwrite (then its run files go)."""
+    ckpt_path, result_path = os.path.join(out, 'last.pt'), os.path.join(out, 'result.json')
+    if os.path.exists(result_path) or os.path.exists(ckpt_path):
+        what = 'a finished run (result.json)' if os.path.exists(result_path) else 'an unfinished run (last.pt)'
+        if not overwrite:
+            raise RunError(f"{out} already holds {what}; pass --resume to continue it, --overwrite to start afresh, "
+                           f"or --out DIR to put this run elsewhere")
+        for path in (ckpt_path, result_path) if remove else ():
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def open_run_dir(cfg, explicit, rank=0):
+    """The run directory of a fresh start, an overwrite or a resume -> (configuration, checkpoint or None).
+    A resume continues the configuration recorded in last.pt with the RESUME_OVERRIDES that were given."""
+    out = cfg['out']
+    if not cfg['resume']:
+        claim(out, cfg['overwrite'], remove=rank == 0)
+        return cfg, None
+    ckpt_path = os.path.join(out, 'last.pt')
+    if not os.path.isfile(ckpt_path):
+        raise RunError(f"cannot resume: {ckpt_path} does not exist")
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    rec = ckpt['args']
+    if 'method' in explicit and cfg['method'] != rec['method']:
+        raise RunError(f"cannot resume: --method {cfg['method']} differs from the checkpoint's "
+                       f"{rec['method']} ({ckpt_path})")
+    changed = [f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {rec.get(k)!r})" for k in sorted(explicit)
+               if k not in RESUME_OVERRIDES and cfg[k] != rec.get(k)]
+    if changed:
+        raise RunError(f"cannot resume {out} with a different configuration: {', '.join(changed)}")
+    resumed = dict(rec, stop_after_epoch=None)
+    resumed.update({k: v for k, v in cfg.items() if k in explicit and k in RESUME_OVERRIDES})
+    resumed.update(out=out, resume=True, overwrite=False)
+    return resumed, ckpt
+
+
+def trim_metrics(out, epoch):
+    """Drop metrics.jsonl lines of epochs after `epoch` (they finished after the checkpoint a resume starts from);
+    a fresh start (epoch 0) empties the file."""
+    path = os.path.join(out, 'metrics.jsonl')
+    lines = []
+    if epoch and os.path.exists(path):
+        with open(path) as f:
+            lines = [ln for ln in f if ln.strip() and json.loads(ln)['epoch'] <= epoch]
+    os.makedirs(out, exist_ok=True)
+    with open(path, 'w') as f:
+        f.writelines(lines)
+
+
+def interrupted(out):
+    """The message for Ctrl-C: which checkpoint --resume would continue from."""
+    try:
+        epoch = torch.load(os.path.join(out, 'last.pt'), map_location='cpu', weights_only=True, mmap=True)['epoch']
+    except Exception:  # no checkpoint (or none readable): nothing to continue
+        return f"interrupted before the first checkpoint; nothing to resume in {out}"
+    return (f"interrupted during epoch {epoch + 1}; the last checkpoint is after epoch {epoch}; "
+            f"continue with `--resume --out {out}`")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_tuned(model, state, source):
+    """Load a tuned-tensor state dict; its keys must be exactly the model's tuned parameter names."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+    if missing or unexpected:
+        raise RunError(f"{source}: tuned tensors do not match the model: missing {missing[:8]}, "
+                       f"unexpected {unexpected[:8]}")
+    model.load_state_dict(state, strict=False)  # strict on the tuned names (checked above); shapes checked by torch
+
+
+def read_run(run):
+    """(checkpoint dict, recorded configuration) of run/last.pt, for eval.py."""
+    path = os.path.join(run, 'last.pt')
+    if not os.path.isfile(path):
+        raise RunError(f"{run} holds no last.pt: not a train.py run directory (pass --run DIR)")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise RunError(f"{path} is not a readable train.py checkpoint ({type(e).__name__}); train the run "
+                       f"again") from None
+    return ckpt, dict(ckpt['args'])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and records
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state():
+    st = np.random.get_state()
+    s = {'python': random.getstate(), 'torch': torch.get_rng_state(),
+         'numpy': [st[0], torch.from_numpy(st[1].astype(np.int64)), st[2], st[3], st[4]]}
+    if torch.cuda.is_available():
+        s['cuda'] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s):
+    random.setstate(s['python'])
+    torch.set_rng_state(s['torch'])
+    name, keys, pos, has_gauss, cached = s['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if 'cuda' in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s['cuda'])
+
+
+def rng_states():
+    """Every process's RNG state (a collective under DDP: every rank calls it)."""
+    if not dist.is_initialized():
+        return [rng_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng(states, rank, world, log=print):
+    set_rng_state(states[rank] if len(states) == world else states[0])
+    if len(states) != world:
+        log(f"warning: the checkpoint holds RNG states of {len(states)} processes, this run has {world}")
+
+
+def atomic_save(obj, path):
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_json(obj, path):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+def save_epoch(out, row, ckpt):
+    """One epoch's record: its metrics line, then last.pt (rank 0 only)."""
+    with open(os.path.join(out, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    atomic_save(ckpt, os.path.join(out, 'last.pt'))
+
+
+def environment(device):
+    """What ran the code: the device's name, the torch / timm / Python versions and the git commit (None outside
+    a git checkout; '-dirty' when tracked files differ from it)."""
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        if os.path.exists('/proc/cpuinfo'):
+            with open('/proc/cpuinfo') as f:
+                name = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), name)
+        name = f"cpu ({name}, {os.cpu_count()} cores)"
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = lambda *a: subprocess.run(['git', *a], cwd=here, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        commit = git('rev-parse', 'HEAD') + ('-dirty' if git('status', '--porcelain', '--untracked-files=no') else '')
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return dict(device=name, torch=torch.__version__, timm=__import__('timm').__version__,
+                python=platform.python_version(), git_commit=commit)
+
+
+def result_record(config, accuracy, tuned, total, wall_time_s, device):
+    """result.json: what a table needs at the top level, then the whole configuration of the run."""
+    return dict(method=config['method'], data=config['data'], eval_split=config['eval_split'], accuracy=accuracy,
+                tuned_params=tuned, total_params=total, epochs=config['epochs'], arch=config['arch'],
+                pretrain=config['pretrain'], seed=config['seed'], backbone_identity=config['backbone_identity'],
+                wall_time_s=wall_time_s, **environment(device), config=config)
+
+
+def peak_memory_mb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except ImportError:  # Windows
+        return float('nan')
+
+
+def duration(seconds):
+    """'3d 04:05:06' / '04:05:06'."""
+    days, rest = divmod(int(seconds), 86400)
+    return (f'{days}d ' if days else '') + time.strftime('%H:%M:%S', time.gmtime(rest))
