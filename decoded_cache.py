@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 import data
+from runs import RunError
 
 
 class _Resized(Dataset):
@@ -107,7 +108,10 @@ def loaders(train_ds, eval_ds, cfg, micro, device, distributed, log=print):
     processes), then read in the main process (a batch is a few memory copies)."""
     t0 = time.time()
     kw = dict(img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'], workers=cfg['workers'])
-    train_ds, eval_ds = DecodedCache(train_ds, train=True, **kw), DecodedCache(eval_ds, train=False, **kw)
+    try:
+        train_ds, eval_ds = DecodedCache(train_ds, train=True, **kw), DecodedCache(eval_ds, train=False, **kw)
+    except (ValueError, data.ImageError) as e:
+        raise RunError(f"--decoded-cache: {e}") from None
     log(f"decoded cache: {len(train_ds) + len(eval_ds)} images, {(train_ds.nbytes + eval_ds.nbytes) / 2**30:.2f} "
         f"GiB in memory, {time.time() - t0:.0f}s")
     return (DeviceLoader(data.build_loader(train_ds, micro, True, 0, distributed, cfg['seed']), device),

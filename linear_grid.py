@@ -135,7 +135,6 @@ def run(cfg, device, log=print):
         final = epoch + 1 == cfg['epochs']
         acc = train.evaluate(heads, eval_loader, device, dtype) if final or (epoch + 1) % cfg['eval_every'] == 0 \
             else [None] * len(cells)
-        rng = runs.rng_states()
         live = heads.live.tolist()
         for k, c in enumerate(cells):
             if not live[k]:
@@ -143,9 +142,9 @@ def run(cfg, device, log=print):
             row = dict(epoch=epoch + 1, train_loss=heads.loss_sum[k].item() / sched[0], accuracy=acc[k],
                        eval_split=c['eval_split'], lr=opts[k].param_groups[0]['lr'], images_per_s=rate,
                        peak_mem_mb=runs.peak_memory_mb(device), time=time.time() - t0)
-            runs.save_epoch(c['out'], row, dict(
+            runs.save_epoch(c['out'], row, 0, dict(
                 model=methods.tuned_state_dict(heads.cells[k]), optimizer=opts[k].state_dict(),
-                scaler=scaler.state_dict(), step=step, epoch=epoch + 1, rng=rng, args=records[k],
+                scaler=scaler.state_dict(), step=step, epoch=epoch + 1, args=records[k],
                 identity=model.backbone.identity, method='linear', wall_time_s=time.time() - t_run))
         shown = ', '.join('-' if a is None or not ok else f"{a:.1f}" for a, ok in zip(acc, live))
         log(f"epoch {epoch + 1}/{cfg['epochs']}: {cfg['eval_split_name']} accuracy per head {shown}; "

@@ -55,10 +55,14 @@ class Tuner(nn.Module):
 
     A method class sets `recipe`: its paper's training recipe, train.py's defaults. Keys: optimizer
     ('sgd' with momentum 0.9 or 'adamw'), lr (absolute, at batch_size), wd, wd_head (None = same as
-    wd), batch_size (global), epochs, warmup_epochs, min_lr (end of the cosine)."""
+    wd), batch_size (global), epochs, warmup_epochs, min_lr (end of the cosine). And `flags`: for each
+    option, (type or choices, what it is, its default as --help shows it, None = the __init__ default);
+    train.py makes one flag of each option name (a bool option that defaults to True: --no-<name>)."""
 
     backbone_train_mode = False
     recipe = None
+    flags = {}
+    grid_in_one_pass = False  # train.py trains a comma list of --lr / --wd in one pass (linear_grid.py): Linear only
     grad_checkpointing = False  # see set_grad_checkpointing
 
     def __init__(self, backbone):
@@ -121,6 +125,9 @@ class Linear(Tuner):
 
     # VPT's linear baseline (KMnP/vpt); its lr is a starting point, VPT tunes it on val per dataset
     recipe = dict(optimizer='sgd', lr=0.1, wd=0, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0)
+    grid_in_one_pass = True
+    flags = dict(readout=(('cls', 'mean', 'mean-ln'), "readout of the last block's tokens (models.pool; mean-ln is "
+                          "VPT's fresh LayerNorm for MAE)", "the backbone's: mae mean, else cls"))
 
     def __init__(self, backbone, num_classes, readout=None):
         super().__init__(backbone)
@@ -146,6 +153,7 @@ class Full(Linear):
     """Full fine-tuning: the same model as the linear probe, every parameter tuned."""
 
     backbone_train_mode = True
+    grid_in_one_pass = False
     recipe = dict(Linear.recipe, lr=0.0025, wd=1e-4)  # VPT's full fine-tune baseline, same caveat
 
     def __init__(self, backbone, num_classes, readout=None):
@@ -186,6 +194,10 @@ class VPT(Tuner):
     # KMnP/vpt: base lr 1.0 at batch 256 -> 0.25 at 64; wd on every tuned tensor but the head bias
     recipe = dict(optimizer='sgd', lr=0.25, wd=1e-3, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
                   min_lr=0)
+    flags = dict(prompts=(int, "prompt tokens per set", None),
+                 depth=(('shallow', 'deep'), "shallow: one set before block 0; deep: one before every block", None),
+                 prompt_dropout=(float, "dropout on the prompts, a mask per image", "0.1 deep, 0 shallow"),
+                 readout=Linear.flags['readout'])
 
     def __init__(self, backbone, num_classes, prompts=50, depth='deep', prompt_dropout=None, readout=None):
         super().__init__(backbone)
@@ -264,6 +276,9 @@ class SPT(VPT):
     # WangYZ1608/Self-Prompt-Tuning: wd 1e-2 on the prompts, 1.0 on the head weight, none on biases / 1-D tensors
     recipe = dict(optimizer='adamw', lr=1e-3, wd=1e-2, wd_head=1.0, batch_size=32, epochs=100, warmup_epochs=10,
                   min_lr=1e-8)
+    flags = dict(VPT.flags, prompts=(int, "prompt tokens per set", "20 deep, 100 shallow"),
+                 spt_init=(('random', 'mean', 'max', 'kmeans'), "prompt init from the backbone's own tokens", None),
+                 spt_kmeans_tokens=(int, "k-means subsample of tokens per layer", None))
 
     def __init__(self, backbone, num_classes, prompts=None, depth='deep', spt_init='kmeans',
                  spt_kmeans_tokens=8192, readout=None):
@@ -508,6 +523,9 @@ class LSPT(Tuner):
 
     # GaPT's recipe
     recipe = dict(optimizer='sgd', lr=0.1, wd=0, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0)
+    flags = dict(VPT.flags, prompt_dropout=(float, "dropout on the prompts, a mask per image", None),
+                 lspt_gspc=(('mean', 'kmeans', 'none'), "GSPC, the patch context added to the prompts", None),
+                 lspt_lpc=(('lstm', 'gru', 'none'), "LPC, the recurrent cell carried over depth", None))
 
     def __init__(self, backbone, num_classes, prompts=100, prompt_dropout=0.1, lspt_gspc='mean',
                  lspt_lpc='lstm', readout=None):
@@ -700,6 +718,12 @@ class SA2VP(Tuner):
     # tommy-xq/SA2VP: wd not on biases and 1-D tensors
     recipe = dict(optimizer='adamw', lr=1e-3, wd=1e-4, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
                   min_lr=1e-7)
+    flags = dict(sa2vp_dim=(int, "t, the rank of the prompt maps", "per dataset (SA2VP_SETTINGS), else 16"),
+                 sa2vp_gamma=(float, "gamma, the weight of the adapter outputs", "per dataset, else 0.1"),
+                 sa2vp_lambda=(float, "loss weight of the base logits", None),
+                 sa2vp_window=(int, "window c of the cross-attention", None),
+                 sa2vp_dropout=(bool, "the official dropout 0.1 in the frozen backbone and the cross blocks (the flag "
+                                "turns it off)", "on"))
 
     @staticmethod
     def data_defaults(data):
@@ -804,6 +828,23 @@ def init_options(cls):
 
 
 PROMPTED = tuple(m for m, cls in METHODS.items() if 'prompts' in init_options(cls))  # methods with --prompts
+
+
+def method_flags():
+    """{option: (type or choices, help, default)} over every method in METHODS: train.py's method flags. The help
+    is the first declaring class's text, then each method's default."""
+    flags = {}
+    for name, cls in METHODS.items():
+        for k, default in init_options(cls).items():
+            if k not in cls.flags:
+                raise TypeError(f"{cls.__name__}.flags has no entry for its option {k!r}: add (type or choices, "
+                                f"what it is, its default for --help or None)")
+            kind, what, shown = cls.flags[k]
+            flags.setdefault(k, (kind, what, default, {}))[3][name] = default if shown is None else shown
+    return {k: (kind, f"{', '.join(each)}: {what} (default: " + (
+                f"{next(iter(each.values()))})" if len(set(each.values())) == 1 else
+                ', '.join(f"{m} {v}" for m, v in each.items()) + ')'), default)
+            for k, (kind, what, default, each) in flags.items()}
 
 
 def build_model(method, backbone, num_classes, **options):

@@ -72,6 +72,21 @@ def resolve_device(name):
     return device
 
 
+def setup_distributed(name):
+    """(rank, world size, device) for --device `name`; torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: nccl on GPU
+    (each process on cuda:LOCAL_RANK), gloo on CPU."""
+    device = resolve_device(name)
+    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
+        return 0, 1, device
+    if device.type == 'cuda':
+        if device.index is not None:
+            raise RunError(f"--device {name} under torchrun: each process takes cuda:LOCAL_RANK; pass --device cuda")
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def run_name(cfg, explicit, named):
     """runs/<method>-<data>-<pretrain>-<arch>-<eval split>-seed<seed>, then one -<flag><value> per explicitly given
     flag of `named` (numbers as lr0.1, words as depth_shallow, --no-sa2vp-dropout as no_sa2vp_dropout), so that
@@ -89,6 +104,48 @@ def run_name(cfg, explicit, named):
         else:
             parts.append(k + ','.join(format(x, 'g') for x in (v if isinstance(v, list) else [v])))
     return os.path.join('runs', '-'.join(parts))
+
+
+# (flag, smallest value) of the flags checked by check_values, besides those with a rule of their own
+AT_LEAST = [('epochs', 1), ('batch_size', 1), ('img_size', 1), ('accum', 1), ('eval_every', 1), ('prompts', 1),
+            ('max_steps_per_epoch', 1), ('stop_after_epoch', 1), ('spt_kmeans_tokens', 1), ('sa2vp_dim', 1),
+            ('sa2vp_window', 1), ('wd', 0), ('wd_head', 0), ('warmup_epochs', 0), ('min_lr', 0), ('workers', 0),
+            ('log_interval', 0), ('sa2vp_gamma', 0)]
+
+
+def check_values(cfg, patch):
+    """A RunError naming the first flag whose value cannot work (a negative lr, an --img-size that the patch size
+    `patch` does not divide, ...), before anything is built."""
+    rules = [(k, lambda v, lo=lo: v >= lo, f"at least {lo}" if lo else '0 or more') for k, lo in AT_LEAST]
+    rules += [('lr', lambda v: v > 0, 'positive'), ('momentum', lambda v: 0 <= v < 1, 'in [0, 1)'),
+              ('prompt_dropout', lambda v: 0 <= v < 1, 'in [0, 1)'),
+              ('sa2vp_lambda', lambda v: 0 <= v <= 1, 'in [0, 1]')]
+    for k, ok, what in rules:
+        for v in cfg.get(k) if isinstance(cfg.get(k), list) else [cfg.get(k)]:  # --lr / --wd may be a grid's list
+            if v is not None and not ok(v):
+                raise RunError(f"--{k.replace('_', '-')} {v:g} must be {what}")
+    lrs = cfg['lr'] if isinstance(cfg['lr'], list) else [cfg['lr']]
+    if cfg['min_lr'] > min(lrs):
+        raise RunError(f"--min-lr {cfg['min_lr']:g} is above --lr {min(lrs):g}: the cosine would rise")
+    if cfg['img_size'] % patch:
+        raise RunError(f"--img-size {cfg['img_size']} is not a multiple of {cfg['arch']}'s patch size {patch}; "
+                       f"pass e.g. --img-size {max(patch, cfg['img_size'] // patch * patch)}")
+
+
+def refuse_foreign_options(method, takes, options, explicit, flag):
+    """A RunError when a method option of another method is given (flag: option -> its flag, in --help's order)."""
+    foreign = [k for k in options if k in explicit and k not in takes]
+    if foreign:
+        raise RunError(f"{', '.join(flag[k] for k in foreign)}: not an option of --method {method}; its options are "
+                       f"{', '.join(flag[k] for k in takes if k in flag) or 'none'}")
+
+
+def warn_warmup(cfg, sched, last_lr):
+    """A warning when the warmup is not shorter than the run: the lr never reaches its peak."""
+    if sched[2] >= sched[1]:
+        print(f"warning: --warmup-epochs {cfg['warmup_epochs']:g} is not shorter than --epochs {cfg['epochs']}: the "
+              f"lr rises linearly for the whole run to {last_lr:.3g} and never reaches the peak {cfg['lr']:g} or the "
+              f"cosine; pass --warmup-epochs below {cfg['epochs']}", file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -131,6 +188,38 @@ def open_run_dir(cfg, explicit, rank=0):
     resumed.update({k: v for k, v in cfg.items() if k in explicit and k in RESUME_OVERRIDES})
     resumed.update(out=out, resume=True, overwrite=False)
     return resumed, ckpt
+
+
+def finished(cfg, ckpt):
+    """result.json's dict when a resumed run has finished all its epochs already, else None."""
+    path = os.path.join(cfg['out'], 'result.json')
+    if ckpt is None or ckpt['epoch'] < cfg['epochs'] or not os.path.exists(path):
+        return None
+    print(f"{cfg['out']} finished all {cfg['epochs']} epochs already; its result.json stands")
+    return read_json(path)
+
+
+def micro_batch(cfg, world):
+    """The per-process micro-batch: --batch-size / (processes x --accum), which must divide."""
+    if cfg['batch_size'] % (world * cfg['accum']):
+        raise RunError(f"--batch-size {cfg['batch_size']} must be divisible by processes x --accum = {world} x "
+                       f"{cfg['accum']}")
+    return cfg['batch_size'] // (world * cfg['accum'])
+
+
+def with_classes(cfg, num_classes):
+    """cfg with the head's class count (the training split's); a resumed run's must not have changed."""
+    if cfg.get('num_classes', num_classes) != num_classes:
+        raise RunError(f"cannot resume: {cfg['train_split']} of {cfg['data']} now holds {num_classes} classes, the "
+                       f"checkpoint's head has {cfg['num_classes']} ({cfg['out']})")
+    return dict(cfg, num_classes=num_classes)
+
+
+def check_backbone(identity, ckpt, out):
+    """A resumed run must continue on the tensors it was trained on (any file or hub copy of them)."""
+    if ckpt is not None and ckpt['identity'] != identity:
+        raise RunError(f"cannot resume: the backbone is {identity}, but the checkpoint was trained on "
+                       f"{ckpt['identity']} ({out})")
 
 
 def trim_metrics(out, epoch):
@@ -241,11 +330,14 @@ def atomic_json(obj, path):
     os.replace(tmp, path)
 
 
-def save_epoch(out, row, ckpt):
-    """One epoch's record: its metrics line, then last.pt (rank 0 only)."""
-    with open(os.path.join(out, 'metrics.jsonl'), 'a') as f:
-        f.write(json.dumps(row) + '\n')
-    atomic_save(ckpt, os.path.join(out, 'last.pt'))
+def save_epoch(out, row, rank, ckpt):
+    """One epoch's record: its metrics line, then last.pt with every process's RNG state (rank 0 writes; every rank
+    calls this, as the states are gathered under DDP)."""
+    ckpt = dict(ckpt, rng=rng_states())
+    if rank == 0:
+        with open(os.path.join(out, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        atomic_save(ckpt, os.path.join(out, 'last.pt'))
 
 
 def environment(device):
@@ -286,6 +378,14 @@ def peak_memory_mb(device):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     except ImportError:  # Windows
         return float('nan')
+
+
+def progress(cfg, epoch, s, steps, loss, lr, images, t0, steps_left, device):
+    """The progress line after step s (0-based) of an epoch that started at t0."""
+    per_step = (time.time() - t0) / (s + 1)
+    return (f"epoch {epoch + 1}/{cfg['epochs']} step {s + 1}/{steps} | loss {loss:.4f} | lr {lr:.3e} | "
+            f"{per_step:.3f} s/step, {images / (time.time() - t0):.0f} img/s | peak {peak_memory_mb(device):.0f} MB | "
+            f"eta {duration(per_step * steps_left)}")
 
 
 def duration(seconds):

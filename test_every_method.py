@@ -57,7 +57,6 @@ def test_every_method_has_a_recipe(method):
     recipe = methods.METHODS[method].recipe
     assert isinstance(recipe, dict) and set(recipe) == RECIPE_KEYS, f"{method}: recipe must have keys {RECIPE_KEYS}"
     assert recipe['optimizer'] in ('sgd', 'adamw') and recipe['lr'] > 0 and recipe['batch_size'] > 0
-    assert train.RECIPES[method] == recipe
     cfg, _ = train.parse_args(['--method', method, '--data', 'cub'])
     assert {k: cfg[k] for k in RECIPE_KEYS} == recipe
 
@@ -65,16 +64,21 @@ def test_every_method_has_a_recipe(method):
 def test_every_option_has_a_flag_and_every_flag_an_option(monkeypatch):
     parser = train.build_parser()
     assert unrouted(parser, methods.METHODS.values()) == ([], [])
-    assert set(train.MODEL_OPTIONS) == set(option_flags(parser))
     for dest, action in option_flags(parser).items():   # None: the flag was not given, the method decides
         assert action.default is None, dest
-
-    class Gated(methods.VPT):   # a new option without a flag, and a flag without an option, are both caught
-        def __init__(self, backbone, num_classes, prompts=50, gate_init=0.0):
-            super().__init__(backbone, num_classes, prompts)
-    assert unrouted(parser, [*methods.METHODS.values(), Gated]) == (['gate_init'], [])
     assert unrouted(parser, [c for m, c in methods.METHODS.items() if m != 'spt']) == \
         ([], ['spt_init', 'spt_kmeans_tokens'])
+
+    class Gated(methods.VPT):   # a new option: its flag comes from the class's `flags`, and it must have one
+        def __init__(self, backbone, num_classes, prompts=50, gate_init=0.0):
+            super().__init__(backbone, num_classes, prompts)
+    monkeypatch.setitem(methods.METHODS, 'gated', Gated)
+    with pytest.raises(TypeError, match=r"Gated.flags has no entry for its option 'gate_init'"):
+        train.build_parser()
+    monkeypatch.setattr(Gated, 'flags', dict(methods.VPT.flags, gate_init=(float, "initial gate value", None)))
+    parser = train.build_parser()
+    assert unrouted(parser, methods.METHODS.values()) == ([], [])
+    assert option_flags(parser)['gate_init'].help == "gated: initial gate value (default: 0.0)"
 
 
 # -----------------------------------------------------------------------------
@@ -104,7 +108,7 @@ def test_flag_of_another_method_is_an_error_line(monkeypatch, capsys):
     actions = option_flags(train.build_parser())
     for method, cls in methods.METHODS.items():
         cfg, _ = train.parse_args(TINY + ['--method', method])   # flags left at None are not 'given'
-        assert all(cfg[k] is None for k in train.MODEL_OPTIONS if k not in methods.init_options(cls))
+        assert all(cfg[k] is None for k in methods.method_flags() if k not in methods.init_options(cls))
         for k, action in actions.items():
             if k in methods.init_options(cls):
                 continue
@@ -127,6 +131,7 @@ def test_an_option_that_does_not_read_back_is_an_error(monkeypatch):
             super().__init__(backbone, num_classes, prompts, depth, prompt_dropout, readout)
             self.gate = torch.nn.Parameter(torch.full((len(backbone.blocks),), gate_init))
             self.init = gate_init
+    Gated.flags = dict(methods.VPT.flags, gate_init=(float, "initial gate value", None))
     monkeypatch.setitem(methods.METHODS, 'gated', Gated)
     cfg, _ = train.parse_args(TINY + ['--method', 'vpt', '--img-size', '16'])
     backbone = train.build(dict(cfg, num_classes=10), CPU).backbone
