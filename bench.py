@@ -1,84 +1,27 @@
 """
 Speed, memory and FLOPs of every method side by side, as ratios against fixed targets, in one process.
 
-    python bench.py                                   # ViT-B/16, 224 px, batch 8; CUDA + bf16 if there, else CPU fp32
-    python bench.py --device cuda --batch-size 64     # an error where torch sees no GPU
-    python bench.py --arch vit_tiny_patch16_224 --iters 5
-    python bench.py --methods vpt,lspt --prompts 50,100 --json > bench.json
+    python bench.py --methods vpt,lspt --prompts 50,100 --json > bench.json   # CUDA + bf16 if there, else CPU fp32
 
-Every timed call ("phase") of every row runs once per round, round-robin (the starting phase rotates
-each round), so machine noise hits all rows alike; the first --warmup rounds are dropped and the
-median of the other --iters rounds is reported. Ratios are medians of the per-round ratios (a
-round that something else on the machine slowed down then cancels). A target is judged on the spread
-of those per-round ratios: pass when every round is within the bound, MISS when every round is above
-it, and "unresolved" when the spread covers the bound (noise decides; run more --iters on a quieter
-machine). --device and --amp default as in train.py: CUDA with bf16 autocast when there is a GPU. The rows:
+The rows. backbone (ours) and timm ViT (same config and weights): fwd = forward_features; train = fwd+bwd through
+the frozen blocks with the gradient to the input tokens only (a fixed head on the cls token), the floor of every
+prompt method. Each method at its defaults, at each --prompts P, lspt without prompt dropout, sa2vp without its
+backbone dropout, each with grad checkpointing (its memory and time as multiples of the default's): fwd = eval
+forward under no_grad; train = zero_grad, model.loss, backward and a step of the optimizer of the method's recipe as
+train.py builds it. spt init <strategy>: SPT.init_prompts over --spt-images random images, timed in the last
+--init-iters rounds. spt epoch (estimated): ceil(spt_images / batch) x the median spt train step.
 
-  backbone (ours) / timm ViT   fwd: forward_features under no_grad. fwd+bwd: the floor every prompt
-                               method pays: embedding (no grad), then blocks + norm on tokens that
-                               require grad, a cross-entropy from the cls token through a fixed
-                               linear head, backward. All weights frozen: the gradient reaches the
-                               input tokens only. timm's VisionTransformer has the same config and
-                               our weights (timm's patch_embed / _pos_embed, then its blocks / norm).
-  each method                  fwd: eval, no_grad, model(x). train: zero_grad, model.loss(x, y),
-                               backward, optimizer step with the optimizer of the method's recipe as
-                               train.py builds it (SGD momentum for linear/full/vpt/lspt, AdamW for
-                               spt/sa2vp). The methods are methods.METHODS.
-  each method with --prompts   the same, at each --prompts P (vpt/spt deep); lspt also without prompt
-                               dropout (its input-side gate projection is then batch-independent).
-  spt init <strategy>          SPT.init_prompts with a DataLoader (batches of --batch-size) over
-                               --spt-images fixed random images; timed in the last --init-iters
-                               rounds only (no warm-up of its own: the backbone forward is already
-                               warm). random/mean/max read only the images their drawn (image,
-                               token) pairs fall in (at most P x depth); the row says how many. With
-                               few images that is nearly all of them, so their init/epoch ratio
-                               here is an upper bound of the one on a real training set.
-  spt epoch (estimated)        ceil(spt_images / batch) x the median SPT train step of this run.
-  <method> grad checkpointing  each method's default with set_grad_checkpointing() (blocks recomputed
-                               in backward); the note gives its train memory and time as multiples
-                               of the default row's (linear: nothing to checkpoint, no row).
-
-The input-pipeline table (--loader-images N per set, 0 = none; --loader-only = just this table):
-images/s of one loader worker, i.e. decoding + data.py's train transform in this process with one
-thread, on --loader-images synthetic photo-like JPEGs per set (FGVC 500x375, VTAB-1k sizes 32x32,
-256x256, 480x320) in a temporary folder, best of two passes; x 16 workers, and the workers needed for
-GPU_RATE images/s. Then the decoded cache (data.DecodedCache) in the main process: host side alone,
-and with the flip and normalisation on --device.
-
-Targets (the `target` column; a miss is reported, not raised) and why these bounds:
-  ours / timm fwd+bwd <= 1.05  models.py is a readable copy of timm's ViT on the same kernels (fused
-                               qkv, scaled_dot_product_attention): readability may cost at most 5%.
-  VPT, SPT <= 1.1 x (N+P)/N    of the backbone, N = 197 for ViT-B/16 at 224 px: prompts only lengthen
-                               the sequence, and at these lengths a block costs nearly linearly in
-                               its tokens (attention is ~4% of ViT-B's FLOPs); 10% is left for
-                               inserting the prompts.
-  LSPT <= 1.3 x VPT-deep       at the same P: the shared LSTMCell adds 11 steps x P rows x 8 D^2
-                               multiply-adds, +19% forward FLOPs at P = 100 for ViT-B; its input-side
-                               projection is computed once per step when prompt dropout is off.
-  SA²VP <= 2.4 x backbone      the official model does ~2.5x a backbone forward in FLOPs (26 block
-                               passes and 12 cross-attentions), plus its per-query Python loop;
-                               sharing each stream's norm1 + qkv between self- and cross-attention
-                               brings ours to ~2.3x (80.4 vs 35.1 GFLOPs for ViT-B), and 2.4 leaves
-                               ~5% for the rest.
-  SPT init / epoch             kmeans <= 1, random/mean/max <= 0.25: an init that costs more than a
-                               training epoch would dominate a run (the paper's Table 1 k-means took
-                               27.3 days on CUB); k-means streams the training set once, forward
-                               only, and the sampling inits forward P images.
-
-FLOPs: torch.utils.flop_counter.FlopCounterMode over one eval forward at batch 1 (prompt tokens
-included; matmuls, convolutions and attention; CPU attention is counted with the same formula
-as the CUDA kernels, which FlopCounterMode lacks for CPU). Peak memory, in one extra pass after
-timing: on CUDA max_memory_allocated above memory_allocated before the call (stats reset per call);
-on CPU the peak resident set size above the RSS before the call, sampled every ~1 ms from
-/proc/self/statm in a thread, with glibc's mmap threshold fixed at 64 KiB for that pass so that
-freed tensors leave the RSS (weights and optimizer state that already exist are not counted;
-activations, gradients and temporaries are).
-
---json prints the results to stdout as a JSON list of dicts instead of the Markdown table: the
-first dict is the run's metadata (arm == 'meta'), then one per row. main(argv) returns the same
-list. Progress goes to stderr. The backbone is random (models.create_backbone(arch, 'none')):
-speed does not depend on the weights. Every row gets its own deep copy of one backbone.
-Style: karpathy/nanoGPT bench.py (one flat script, plain argparse).
+Each round runs every timed call once, round-robin from a rotating start, so machine noise hits all rows alike; the
+--warmup rounds are dropped, times are medians of the --iters rounds and ratios medians of the per-round ratios. A
+target passes when every round's ratio is within its bound, MISSes when every one is above it, and is unresolved
+when they straddle it (noise decides: run more --iters on a quieter machine). The targets:
+  ours / timm fwd+bwd <= 1.05  models.py is a readable copy of timm's ViT on the same kernels: at most 5% slower.
+  VPT, SPT <= 1.1 x (N+P)/N    of the backbone (N = 197 for ViT-B/16): prompts only lengthen the sequence (+10%).
+  LSPT <= 1.3 x VPT-deep       at the same P: its shared LSTMCell adds 19% forward FLOPs at P = 100 for ViT-B.
+  SA²VP <= 2.4 x backbone      ours does ~2.3x a backbone's FLOPs (80.4 vs 35.1 G for ViT-B; the official ~2.5x).
+  SPT init / epoch             kmeans <= 1, random/mean/max <= 0.25: an init must not dominate a run (the paper's
+                               k-means took 27.3 days on CUB).
+--loader-only: only the input-pipeline table. --linear-grid: see linear_grid(). --json: the list main(argv) returns.
 """
 
 import argparse
@@ -108,12 +51,9 @@ import train
 SPT_STRATEGIES = ('random', 'mean', 'max', 'kmeans')
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[1], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[1],   # --help shows every option's default
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--arch', default='vit_base_patch16_224', choices=list(models.ARCHS), help='the backbone')
     p.add_argument('--img-size', type=int, default=224, help='input size')
     p.add_argument('--batch-size', type=int, default=8, help='images per timed call')
@@ -125,23 +65,19 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=1, help='rounds run first and dropped')
     p.add_argument('--init-iters', type=int, default=1, help='timed rounds of the SPT inits (the last ones)')
     p.add_argument('--spt-images', type=int, default=64, help='images the SPT init and epoch run over')
-    p.add_argument('--prompts', default='10,50,100,200', help='P values for ' + '/'.join(methods.PROMPTED)
-                   + ' (comma-separated)')
-    p.add_argument('--methods', default=','.join(methods.METHODS), help='comma-separated subset of '
-                   + ','.join(methods.METHODS))
+    p.add_argument('--prompts', default='10,50,100,200', help=f"P values for {'/'.join(methods.PROMPTED)}")
+    p.add_argument('--methods', default=','.join(methods.METHODS), help='a comma-separated subset')
     p.add_argument('--loader-images', type=int, default=64, help='images per loader-rate set (0: no loader rows)')
     p.add_argument('--loader-only', action='store_true', help='only the input-pipeline table (seconds, no models)')
     p.add_argument('--threads', type=int, default=None, help="torch threads for this run (None: torch's own)")
     p.add_argument('--seed', type=int, default=0, help='seeds the random backbone and inputs')
     p.add_argument('--json', action='store_true', help='print a JSON list of dicts to stdout instead of the table')
-    p.add_argument('--linear-grid', action='store_true', help="instead: the linear-probe grid in one pass vs one run "
-                   "per cell (8 cells on digits, vit_micro_patch8, --iters rounds); see linear_grid()")
+    p.add_argument('--linear-grid', action='store_true', help='instead: a linear-probe grid in one run vs one per cell')
     p.add_argument('--grid-epochs', type=int, default=3, help='epochs of each --linear-grid run')
     args = p.parse_args(argv)
     args.prompts = sorted({int(v) for v in args.prompts.split(',') if v.strip()})
     args.methods = [m.strip() for m in args.methods.split(',') if m.strip()]
-    bad = [m for m in args.methods if m not in methods.METHODS]
-    if bad:
+    if bad := [m for m in args.methods if m not in methods.METHODS]:
         p.error(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(methods.METHODS)}")
     if args.iters < 1 or args.warmup < 0 or not 1 <= args.init_iters <= args.iters:
         p.error('need --iters >= 1, --warmup >= 0 and 1 <= --init-iters <= --iters')
