@@ -49,6 +49,10 @@ import models
 import train
 
 SPT_STRATEGIES = ('random', 'mean', 'max', 'kmeans')
+GPU_RATE = 2500  # images/s a current datacenter GPU consumes for VPT-deep ViT-B/16 in bf16 (an estimate)
+LOADER_SETS = (  # (label, data name, (width, height)): FGVC photos, and VTAB-1k's typical image sizes
+    ('fgvc train 500x375', 'cub', (500, 375)), ('vtab 32x32 (cifar, svhn)', 'vtab-cifar', (32, 32)),
+    ('vtab 256x256 (resisc45)', 'vtab-resisc45', (256, 256)), ('vtab 480x320 (clevr)', 'vtab-clevr_count', (480, 320)))
 
 
 def parse_args(argv=None):
@@ -88,6 +92,16 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # FLOPs and memory
+
+
+def seconds(fn, device=torch.device('cpu')):
+    """Wall time of fn(), the work it queued on a CUDA device included."""
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda device: None)
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def _cpu_sdpa_flop(q, k, v, *args, out_shape=None, **kwargs):
@@ -360,98 +374,53 @@ def checkpointing_notes(rows):
 # -----------------------------------------------------------------------------
 # the input pipeline: images/s of one loader worker (data.py's real transforms) and of the decoded cache
 
-LOADER_SETS = (  # (label, data name, (width, height)): FGVC photos, and VTAB-1k's typical image sizes
-    ('fgvc train 500x375', 'cub', (500, 375)),
-    ('vtab 32x32 (cifar, svhn)', 'vtab-cifar', (32, 32)),
-    ('vtab 256x256 (resisc45)', 'vtab-resisc45', (256, 256)),
-    ('vtab 480x320 (clevr)', 'vtab-clevr_count', (480, 320)),
-)
-GPU_RATE = 2500  # images/s a current datacenter GPU consumes for VPT-deep ViT-B/16 in bf16 (an estimate)
-
-
-def synthetic_photo(w, h, rng):
-    """A photo-like image: a smooth random field (bicubic from 1/24 scale) plus sensor-like noise (std 6).
-    As a quality-95 JPEG a 500x375 one is ~85 KB, about what a real FGVC photo takes to decode."""
-    low = rng.randint(0, 256, (max(h // 24, 2), max(w // 24, 2), 3)).astype(np.uint8)
-    img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
-    img = img + rng.normal(0, 6, img.shape)
-    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
-
-
 def loader_rows(args, device, log):
-    """Per set: decode + build_transform per image in this process with one torch thread (as in a DataLoader
-    worker), the best of two passes over --loader-images images written to a temporary folder (so read from
-    the page cache); then the decoded cache's batches (crop slices + flip/normalise on --device)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Per set, with one thread as in a worker: decode + train transform, best of 2 passes. For FGVC also the decoded
+    cache in the main process, best of 3 passes of >= 1024 images: its host side alone, and then + data.to_device."""
+    def rate_row(arm, role, kb, rate, **extra):
+        log(f"loader {arm}: {rate:.0f} images/s")
+        return dict(arm=arm, role=role, data=name, **extra, images=len(ds), kb_per_file=kb,
+                    images_per_s_per_worker=rate, images_per_s_16_workers=16 * rate if role == 'loader' else None,
+                    workers_for_gpu_rate=math.ceil(GPU_RATE / rate))
     rows = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for label, name, (w, h) in LOADER_SETS:
-                rng = np.random.RandomState(args.seed)
-                samples = []
-                for i in range(args.loader_images):
-                    path = os.path.join(tmp, f"{name}-{i}.jpg")
-                    synthetic_photo(w, h, rng).save(path, quality=95)
-                    samples.append((path, 0))
-                ds = data.ImageListDataset(name, 'train', tmp, samples, 1,
-                                           data.build_transform(name, train=True, img_size=args.img_size))
-                per_worker = max(len(ds) / _seconds(lambda: [ds[i] for i in range(len(ds))]) for _ in range(2))
-                r = dict(arm=label, role='loader', data=name, width=w, height=h, images=len(ds),
-                         kb_per_file=sum(os.path.getsize(p) for p, _ in samples) / len(samples) / 1024,
-                         images_per_s_per_worker=per_worker, images_per_s_16_workers=16 * per_worker,
-                         workers_for_gpu_rate=math.ceil(GPU_RATE / per_worker))
-                rows.append(r)
-                log(f"loader {label}: {per_worker:.0f} images/s per worker")
-                if name == 'cub':
-                    rows += cache_rows(ds, label, args, device, log)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)   # main() restores the caller's
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, name, (w, h) in LOADER_SETS:
+            rng, paths = np.random.RandomState(args.seed), [f"{tmp}/{name}-{i}.jpg" for i in range(args.loader_images)]
+            for path in paths:   # a smooth random field plus sensor-like noise: ~85 KB at 500x375, like a real photo
+                low = rng.randint(0, 256, (max(h // 24, 2), max(w // 24, 2), 3)).astype(np.uint8)
+                img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
+                img = Image.fromarray((img + rng.normal(0, 6, img.shape)).clip(0, 255).astype(np.uint8))
+                img.save(path, quality=95)
+            ds = data.ImageListDataset(name, 'train', tmp, [(p, 0) for p in paths], 1,
+                                       data.build_transform(name, train=True, img_size=args.img_size))
+            rate = max(len(ds) / seconds(lambda: [ds[i] for i in range(len(ds))]) for _ in range(2))
+            kb = sum(os.path.getsize(p) for p in paths) / len(ds) / 1024
+            rows.append(rate_row(label, 'loader', kb, rate, width=w, height=h))
+            if name == 'cub':
+                cache = data.DecodedCache(ds, train=True, img_size=args.img_size)
+                loader = data.build_loader(cache, args.batch_size, train=True, workers=0)
+                epochs = math.ceil(1024 / len(ds))
+                for finish, what in ((False, 'host side'), (True, f"host + flip/normalise on {device.type}")):
+                    def passes():
+                        for _ in range(epochs):
+                            for x, _ in loader:
+                                if finish:
+                                    data.to_device(x, device, cache)
+                    rate = max(epochs * len(ds) / seconds(passes, device) for _ in range(3))
+                    kb = cache.nbytes / len(ds) / 1024   # the cached uint8 bytes
+                    rows.append(rate_row(f"{label}, decoded cache, {what}", 'loader-cache', kb, rate))
     return rows
-
-
-def cache_rows(ds, label, args, device, log):
-    """The decoded cache of `ds` in the main process, best of 3 passes: the host side alone (crop slices,
-    collate; what a GPU run pays on the CPU) and with the flip + /255 + normalisation on --device added."""
-    cache = data.DecodedCache(ds, train=True, img_size=args.img_size)
-    loader = data.build_loader(cache, args.batch_size, train=True, workers=0)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
-
-    epochs = math.ceil(1024 / len(cache))   # passes of >= 1024 images: a few ms each otherwise
-
-    def run(finish):
-        for _ in range(epochs):
-            for x, _ in loader:
-                if finish:
-                    data.to_device(x, device, cache)
-        sync()
-    rows = []
-    for finish, what in ((False, 'host side'), (True, f"host + flip/normalise on {device.type}")):
-        rate = max(epochs * len(cache) / _seconds(lambda: run(finish)) for _ in range(3))
-        rows.append(dict(arm=f"{label}, decoded cache, {what}", role='loader-cache', data=ds.name,
-                         images=len(cache), kb_per_file=cache.nbytes / len(cache) / 1024,
-                         images_per_s_per_worker=rate, images_per_s_16_workers=None,
-                         workers_for_gpu_rate=math.ceil(GPU_RATE / rate)))
-        log(f"loader {label}, decoded cache, {what}: {rate:.0f} images/s in the main process")
-    return rows
-
-
-def _seconds(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def loader_markdown(rows):
-    lines = ['', f"Input pipeline at {GPU_RATE:,} images/s (one current GPU, VPT-deep ViT-B/16, bf16): "
-             "one worker = decode + data.py's train transform in one process with one thread; "
-             "the decoded cache rows run in the main process (no workers), and their KB are the cached uint8 "
-             "bytes per image.", '',
+    lines = [f"Input pipeline at {GPU_RATE:,} images/s (one current GPU, VPT-deep ViT-B/16, bf16): one worker = "
+             "decode + data.py's train transform in one process with one thread; the decoded cache rows run in the "
+             "main process (no workers), and their KB are the cached uint8 bytes per image.", '',
              '| images | KB per image | images/s per worker | x 16 workers | workers for 2,500 images/s |',
              '|---|--:|--:|--:|--:|']
-    for r in rows:
-        lines.append(f"| {r['arm']} | {r['kb_per_file']:.0f} | {r['images_per_s_per_worker']:,.0f} | "
-                     f"{fmt(r['images_per_s_16_workers'], ',.0f')} | {r['workers_for_gpu_rate']} |")
+    lines += [f"| {r['arm']} | {r['kb_per_file']:.0f} | {r['images_per_s_per_worker']:,.0f} | "
+              f"{fmt(r['images_per_s_16_workers'], ',.0f')} | {r['workers_for_gpu_rate']} |" for r in rows]
     return '\n'.join(lines)
 
 
@@ -632,16 +601,16 @@ def main(argv=None):
     try:
         return run(args, argv)
     finally:
-        torch.set_num_threads(threads)  # an in-process caller (the tests) keeps its own setting
+        torch.set_num_threads(threads)  # an in-process caller (the tests) keeps its own setting; loader_rows sets 1
 
 
 def run(args, argv):
-    t_start = time.perf_counter()
+    t_start, threads = time.perf_counter(), torch.get_num_threads()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     device = train.resolve_device(args.device)
     if args.loader_only:
         loader = loader_rows(args, device, log)
-        print(json.dumps(loader, indent=1) if args.json else loader_markdown(loader).lstrip())
+        print(json.dumps(loader, indent=1) if args.json else loader_markdown(loader))
         return loader
     torch.manual_seed(args.seed)
     amp_dtype = train.amp_dtype(args.amp, device)
@@ -679,7 +648,7 @@ def run(args, argv):
     checkpointing_notes(rows)
     loader = loader_rows(args, device, log) if args.loader_images > 0 else []
     meta = dict(arm='meta', command=' '.join(['python', 'bench.py', *(sys.argv[1:] if argv is None else argv)]),
-                torch=torch.__version__, timm=__import__('timm').__version__, threads=torch.get_num_threads(),
+                torch=torch.__version__, timm=__import__('timm').__version__, threads=threads,
                 device=str(device), amp=amp, arch=args.arch, img_size=args.img_size, batch_size=args.batch_size,
                 iters=args.iters, warmup=args.warmup, init_iters=args.init_iters, spt_images=args.spt_images,
                 num_classes=args.num_classes, seed=args.seed, memory=memory,
@@ -688,7 +657,7 @@ def run(args, argv):
     if args.json:
         print(json.dumps(results, indent=1))
     else:
-        print(markdown(rows, meta) + (loader_markdown(loader) if loader else ''))
+        print('\n\n'.join([markdown(rows, meta)] + ([loader_markdown(loader)] if loader else [])))
     return results
 
 
