@@ -31,17 +31,19 @@ import ctypes
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import methods
@@ -53,6 +55,10 @@ GPU_RATE = 2500  # images/s a current datacenter GPU consumes for VPT-deep ViT-B
 LOADER_SETS = (  # (label, data name, (width, height)): FGVC photos, and VTAB-1k's typical image sizes
     ('fgvc train 500x375', 'cub', (500, 375)), ('vtab 32x32 (cifar, svhn)', 'vtab-cifar', (32, 32)),
     ('vtab 256x256 (resisc45)', 'vtab-resisc45', (256, 256)), ('vtab 480x320 (clevr)', 'vtab-clevr_count', (480, 320)))
+try:
+    LIBC = ctypes.CDLL('libc.so.6')   # glibc's malloc_trim and mallopt, for the CPU memory pass
+except OSError:
+    LIBC = None
 
 
 def parse_args(argv=None):
@@ -104,44 +110,17 @@ def seconds(fn, device=torch.device('cpu')):
     return time.perf_counter() - t0
 
 
-def _cpu_sdpa_flop(q, k, v, *args, out_shape=None, **kwargs):
-    """(B, H, Sq, d) x (B, H, Sk, d): QK^T and AV, 2 FLOPs per multiply-add (the CUDA formula)."""
-    b, h, sq, d = q
-    return 2 * b * h * sq * k[-2] * d + 2 * b * h * sq * k[-2] * v[-1]
-
-
 def count_gflops(fn):
-    """GFLOPs of one call of fn counted by FlopCounterMode (with autograd on: its module tracker
-    fails under no_grad on a parameter that requires grad; no backward is run)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
-    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+    """GFLOPs of one call of fn, CPU attention counted as on CUDA (autograd on: FlopCounterMode needs it)."""
+    sdpa = lambda q, k, v, *a, **kw: 2 * q[0] * q[1] * q[2] * k[-2] * (q[-1] + v[-1])  # noqa: E731, QK^T and AV
+    with FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}) as counter:
         fn()
     return counter.get_total_flops() / 1e9
 
 
-def _rss_bytes():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-
-def _set_malloc(measuring):
-    """glibc's mmap threshold adapts upwards (to at most 32 MiB) and then keeps freed tensors in the
-    heap, where they stay in the RSS. For the memory pass fix it at 64 KiB, so memory freed by torch
-    leaves the RSS; afterwards fix it at the adapted state (32 MiB, trim threshold 64 MiB), as an
-    in-process caller would otherwise keep paying a page fault per large allocation. Returns success."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-        libc.malloc_trim(0)
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        mmap, trim = (1 << 16, 1 << 17) if measuring else (32 << 20, 64 << 20)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim))
-    except (OSError, AttributeError):
-        return False
-
-
 def peak_memory_mb(fn, device):
-    """Peak memory of one call of fn above the level before it, in MB (see the module docstring)."""
+    """Peak memory of one call of fn above the level before it, in MB (None where VmHWM cannot be reset)."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -149,26 +128,16 @@ def peak_memory_mb(fn, device):
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if not os.path.exists('/proc/self/statm'):
-        return None
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    base = _rss_bytes()
-    peak, stop = [base], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
+    status = lambda key: int(re.search(key + r':\s*(\d+)', Path('/proc/self/status').read_text())[1]) / 1024  # noqa
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
     try:
-        fn()
-    finally:
-        stop.set()
-        t.join()
-    return (max(peak[0], _rss_bytes()) - base) / 2**20
+        Path('/proc/self/clear_refs').write_text('5')   # VmHWM, the peak RSS, := VmRSS (Linux >= 4.0)
+    except OSError:
+        return None
+    base = status('VmRSS')
+    fn()
+    return status('VmHWM') - base
 
 
 # -----------------------------------------------------------------------------
@@ -630,18 +599,15 @@ def run(args, argv):
     y = torch.randint(args.num_classes, (args.batch_size,), device=device)
     time_rounds(phases, args, x, y, device, log)
 
-    # peak memory: one more call of every phase, after timing (the allocator tweak would slow timing down)
-    if device.type == 'cuda':
-        memory = 'CUDA max_memory_allocated above the allocation before the call'
-    elif _set_malloc(measuring=True):
-        memory = ('peak RSS above the RSS before the call (/proc/self/statm every ~1 ms; glibc mmap threshold '
-                  '64 KiB, so freed tensors leave the RSS; existing weights and optimizer state not counted)')
-    else:
-        memory = 'peak RSS above the RSS before the call (/proc/self/statm; freed memory may stay in the heap)'
+    # peak memory: one more call of every phase; glibc's mmap and trim thresholds low meanwhile (freed tensors leave)
+    set_malloc = lambda mmap, trim: device.type == 'cpu' and LIBC and LIBC.mallopt(-3, mmap) and LIBC.mallopt(-1, trim)
+    set_malloc(64 << 10, 128 << 10)
     for r, key, fn, _ in phases:
         r[f"mem_{key}_mb"] = peak_memory_mb(lambda: fn(x, y), device)
-    if device.type != 'cuda':
-        _set_malloc(measuring=False)
+    set_malloc(32 << 20, 64 << 20)
+    memory = ('CUDA max_memory_allocated above the allocation before the call' if device.type == 'cuda' else
+              'peak RSS above the RSS before the call (VmHWM, reset before it; glibc mmap threshold 64 KiB, so freed '
+              'tensors leave the RSS; existing weights and optimizer state not counted)')
     log('memory pass done')
 
     summarise(rows, args, base)
