@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
@@ -141,8 +141,7 @@ def peak_memory_mb(fn, device):
 
 
 # -----------------------------------------------------------------------------
-# the timed calls
-
+# the timed calls: step(x, y) with x (B, 3, H, W), y (B,)
 
 def frozen_fwd_bwd(embed, blocks, norm, head, autocast):
     """Forward + backward through frozen blocks with the gradient flowing to the input tokens only."""
@@ -158,175 +157,39 @@ def frozen_fwd_bwd(embed, blocks, norm, head, autocast):
     return step
 
 
-def frozen_fwd(forward_features, autocast):
-    def step(x, y):
-        with torch.no_grad(), autocast():
-            forward_features(x)
-    return step
-
-
-def make_optimizer(method, model):
-    """The optimizer of the method's recipe, built as train.py builds it (the same parameter groups)."""
-    return train.make_optimizer(model, dict(methods.METHODS[method].recipe, momentum=train.MOMENTUM))
-
-
-def method_train(model, opt, autocast, scaler):
+def train_step(model, opt, autocast, scaler):
     def step(x, y):
         model.train()
         opt.zero_grad(set_to_none=True)
         with autocast():
             loss = model.loss(x, y)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        scaler.scale(loss).backward()   # a disabled scaler (all but fp16) passes loss and step through
+        scaler.step(opt)
+        scaler.update()
     return step
 
 
-def method_fwd(model, autocast):
-    def step(x, y):
-        model.eval()
-        with torch.no_grad(), autocast():
-            model(x)
-    return step
-
-
-class CountingImages(torch.utils.data.Dataset):
-    """Fixed random images with label 0 that count how many times they are read (SPT's
-    random/mean/max init reads only the images its drawn (image, token) pairs fall in)."""
-
-    def __init__(self, images):
-        self.images, self.reads = images, 0
-
-    def __len__(self):
-        return len(self.images)
+class CountingImages(torch.utils.data.TensorDataset):
+    """Fixed random images with label 0 that count their reads (SPT's random/mean/max init reads only some)."""
+    reads = 0
 
     def __getitem__(self, i):
         self.reads += 1
-        return self.images[i], 0
-
-
-def spt_init(model, loader, strategy, autocast, r):
-    def step(x, y):
-        loader.dataset.reads = 0
-        with autocast():
-            model.init_prompts(loader, strategy=strategy, generator=torch.Generator().manual_seed(0))
-        r['images_run'] = loader.dataset.reads
-    return step
-
-
-def tuned_params(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def timm_twin(bb):
-    """timm's VisionTransformer with the same config, no head, loaded with bb's weights."""
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-    m = TimmViT(img_size=bb.img_size, patch_size=bb.patch_size, embed_dim=bb.embed_dim, depth=len(bb.blocks),
-                num_heads=bb.num_heads, mlp_ratio=bb.blocks[0].mlp.fc1.out_features / bb.embed_dim, num_classes=0)
-    m.load_state_dict(bb.state_dict(), strict=True)
-    return m
+        return self.tensors[0][i], 0
 
 
 # -----------------------------------------------------------------------------
 # the rows
 
-
-def row(arm, role, method=None, options=None, prompts=None, default=False):
-    return dict(arm=arm, role=role, method=method, options=options or {}, prompts=prompts, default=default,
-                tuned_params=0, gflops=None, fwd_ms=None, train_ms=None, fwd_times_ms=[], train_times_ms=[],
-                ratio=None, fwd_ratio=None, target=None, target_value=None, target_bound=None, target_pass=None,
-                target_spread=None, target_verdict=None,
-                mem_fwd_mb=None, mem_train_mb=None, note='')
-
-
-def build_rows(args, base, device, autocast, scaler):
-    """All rows and their timed phases [(row, key, fn, init_only)], plus a FLOP-count call per row."""
-    rows, phases, flop_fns = [], [], {}
-    C, D = args.num_classes, base.embed_dim
-    x1 = torch.randn(1, 3, args.img_size, args.img_size, device=device)
-
-    def add(r, fwd=None, train=None, flops=None, init=None):
-        rows.append(r)
-        if fwd is not None:
-            phases.append((r, 'fwd', fwd, False))
-        if train is not None:
-            phases.append((r, 'train', train, False))
-        if init is not None:
-            phases.append((r, 'train', init, True))
-        flop_fns[id(r)] = flops
-
-    # the frozen backbone, ours and timm's, on the same weights
-    head = nn.Linear(D, C).to(device).requires_grad_(False)
-    bb = copy.deepcopy(base).to(device).eval().requires_grad_(False)
-    add(row('backbone (ours)', 'backbone'), frozen_fwd(bb.forward_features, autocast),
-        frozen_fwd_bwd(bb.embed, bb.blocks, bb.norm, head, autocast), lambda: bb.forward_features(x1))
-    tm = timm_twin(base).to(device).eval().requires_grad_(False)
-    timm_embed = lambda x: tm.norm_pre(tm.patch_drop(tm._pos_embed(tm.patch_embed(x))))  # noqa: E731
-    add(row('timm ViT', 'timm'), frozen_fwd(tm.forward_features, autocast),
-        frozen_fwd_bwd(timm_embed, tm.blocks, tm.norm, head, autocast), lambda: tm.forward_features(x1))
-
-    def add_method(name, role, method, options, prompts=None, default=False, grad_checkpointing=False):
-        model = methods.build_model(method, copy.deepcopy(base), C, **options).to(device)
-        model.set_grad_checkpointing(grad_checkpointing)
-        if prompts is None and hasattr(model, 'num_prompts'):
-            prompts = model.num_prompts
-        r = row(name, role, method, options, prompts, default)
-        r['tuned_params'] = tuned_params(model)
-        model.eval()
-        add(r, method_fwd(model, autocast), method_train(model, make_optimizer(method, model), autocast, scaler),
-            lambda: model.eval()(x1))
-        return r, model
-
-    defaults = {}
-    for m in args.methods:
-        label = {'vpt': 'vpt-deep', 'spt': 'spt-deep'}.get(m, m)
-        r, model = add_method(m, 'method', m, {}, default=True)
-        defaults[m] = r
-        if m in methods.PROMPTED:
-            r['arm'] = f"{label} P={model.num_prompts} (default)"
-            ps = set(args.prompts)
-            if m == 'vpt' and 'lspt' in args.methods:
-                ps.add(methods.init_options(methods.LSPT)['prompts'])  # LSPT's reference
-            for P in sorted(ps - {model.num_prompts}):
-                add_method(f"{label} P={P}", 'prompts', m, {'prompts': P}, prompts=P)
-        if m == 'lspt':
-            add_method(f"lspt P={model.num_prompts} dropout 0", 'lspt-nodrop', 'lspt', {'prompt_dropout': 0.0})
-        if m == 'sa2vp':
-            r['arm'] = f"sa2vp t={model.ppt.shape[-1]}"
-            # the official dropout 0.1 in the frozen backbone is RNG-bound on the CPU: show its share
-            add_method(f"sa2vp t={model.ppt.shape[-1]} no dropout", 'sa2vp-nodrop', 'sa2vp', {'sa2vp_dropout': False})
-    add_checkpointing_rows(args, add_method, defaults)
-
-    if 'spt' in args.methods:
-        g = torch.Generator().manual_seed(args.seed)
-        imgs = CountingImages(torch.randn(args.spt_images, 3, args.img_size, args.img_size, generator=g))
-        loader = torch.utils.data.DataLoader(imgs, batch_size=args.batch_size, shuffle=False)  # as train.py's
-        spt = methods.build_model('spt', copy.deepcopy(base), C).to(device)
-        for s in SPT_STRATEGIES:
-            r = row(f"spt init {s}", 'spt-init', 'spt', {'spt_init': s}, spt.num_prompts)
-            r['tuned_params'], r['images'] = tuned_params(spt), args.spt_images
-            add(r, flops=lambda: spt.layer_tokens(x1), init=spt_init(spt, loader, s, autocast, r))
-        steps = math.ceil(args.spt_images / args.batch_size)
-        r = row('spt epoch (estimated)', 'spt-epoch', 'spt', {}, spt.num_prompts)
-        r['tuned_params'] = tuned_params(spt)
-        r['note'] = f"{steps} steps x median spt train step"
-        r['steps'] = steps
-        add(r, flops=flop_fns[id(defaults['spt'])])
-    return rows, phases, flop_fns
-
-
-def add_checkpointing_rows(args, add_method, defaults):
-    """Every method's default again with --grad-checkpointing (the blocks recomputed in backward): its peak
-    training memory and time next to the default row's (linear runs its blocks under no_grad: nothing to save)."""
-    for m in args.methods:
-        if m != 'linear':
-            r, _ = add_method(f"{defaults[m]['arm'].replace(' (default)', '')} grad checkpointing", 'grad-ckpt', m, {},
-                              grad_checkpointing=True)
-            r['of'] = defaults[m]
+def row(arm, role, method=None, options=None, model=None, default=False, **extra):
+    """A row of the table and the JSON; model (the one timed) gives the tuned parameters and the prompts."""
+    tuned = 0 if model is None else sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(dict(
+        arm=arm, role=role, method=method, options=options or {}, prompts=getattr(model, 'num_prompts', None),
+        default=default, tuned_params=tuned, gflops=None, fwd_ms=None, train_ms=None, fwd_times_ms=[],
+        train_times_ms=[], ratio=None, fwd_ratio=None, target=None, target_value=None, target_bound=None,
+        target_pass=None, target_spread=None, target_verdict=None, mem_fwd_mb=None, mem_train_mb=None, note=''),
+        **extra)
 
 
 def checkpointing_notes(rows):
@@ -395,25 +258,6 @@ def loader_markdown(rows):
 
 # -----------------------------------------------------------------------------
 # measuring and summarising
-
-
-def time_rounds(phases, args, x, y, device, log):
-    """Round-robin over the phases; returns nothing, fills row[key + '_times_ms']."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
-    n = args.warmup + args.iters
-    for it in range(n):
-        t_round = time.perf_counter()
-        shift = it % len(phases)
-        for r, key, fn, init_only in phases[shift:] + phases[:shift]:
-            if init_only and it < n - args.init_iters:
-                continue
-            sync()
-            t0 = time.perf_counter()
-            fn(x, y)
-            sync()
-            if it >= args.warmup:
-                r[key + '_times_ms'].append((time.perf_counter() - t0) * 1e3)
-        log(f"round {it + 1}/{n}{' (warm-up)' if it < args.warmup else ''}: {time.perf_counter() - t_round:.1f} s")
 
 
 def verdict(lo, hi, bound):
@@ -565,15 +409,14 @@ def main(argv=None):
     if args.linear_grid:
         return linear_grid(args)
     threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        return run(args, argv)
+        torch.set_num_threads(args.threads or threads)
+        return run(args, ' '.join(['python', 'bench.py', *(sys.argv[1:] if argv is None else argv)]))
     finally:
-        torch.set_num_threads(threads)  # an in-process caller (the tests) keeps its own setting; loader_rows sets 1
+        torch.set_num_threads(threads)   # an in-process caller (the tests) keeps its own setting
 
 
-def run(args, argv):
+def run(args, command):
     t_start, threads = time.perf_counter(), torch.get_num_threads()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     device = train.resolve_device(args.device)
@@ -582,27 +425,107 @@ def run(args, argv):
         print(json.dumps(loader, indent=1) if args.json else loader_markdown(loader))
         return loader
     torch.manual_seed(args.seed)
-    amp_dtype = train.amp_dtype(args.amp, device)
-    amp = {None: 'none', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp_dtype]
-    autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
-                else contextlib.nullcontext)
-    scaler = torch.amp.GradScaler(device.type) if amp == 'fp16' else None
-
+    dtype = train.amp_dtype(args.amp, device)
+    amp = {None: 'none', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
     base = models.create_backbone(args.arch, 'none', img_size=args.img_size)
-    rows, phases, flop_fns = build_rows(args, base, device, autocast, scaler)
-    log(f"{len(rows)} rows built; counting FLOPs")
-    for r in rows:
-        fn = flop_fns[id(r)]
-        r['gflops'] = count_gflops(fn) if fn is not None else None
-    log(f"{len(phases)} timed phases; {args.warmup} warm-up + {args.iters} rounds")
+    x1 = torch.randn(1, 3, args.img_size, args.img_size, device=device)   # FLOPs are counted at batch 1
+
+    # the rows, their GFLOPs counted, and their timed phases [(row, 'fwd' or 'train', step(x, y))]
+    rows, phases = [], []
+
+    def add(r, forward=None, step=None, flops=None):
+        """forward(x) makes the fwd phase (eval, no_grad) and is what the FLOPs count, unless flops() is given."""
+        def fwd(x, y):
+            with torch.no_grad(), autocast():
+                forward(x)
+        rows.append(r)
+        if forward is not None:
+            phases.append((r, 'fwd', fwd))
+        if step is not None:
+            phases.append((r, 'train', step))
+        if forward or flops:
+            r['gflops'] = count_gflops(flops or (lambda: forward(x1)))
+        return r
+
+    # the frozen backbone, ours and timm's with the same config and weights
+    head = torch.nn.Linear(base.embed_dim, args.num_classes).to(device).requires_grad_(False)
+    tm = timm.models.vision_transformer.VisionTransformer(
+        img_size=base.img_size, patch_size=base.patch_size, embed_dim=base.embed_dim, depth=len(base.blocks),
+        num_heads=base.num_heads, mlp_ratio=base.blocks[0].mlp.fc1.out_features / base.embed_dim, num_classes=0)
+    tm.load_state_dict(base.state_dict(), strict=True)
+    bb, tm = copy.deepcopy(base).to(device).eval().requires_grad_(False), tm.to(device).eval().requires_grad_(False)
+    timm_embed = lambda x: tm.norm_pre(tm.patch_drop(tm._pos_embed(tm.patch_embed(x))))  # noqa: E731
+    for arm, role, m, embed in (('backbone (ours)', 'backbone', bb, bb.embed), ('timm ViT', 'timm', tm, timm_embed)):
+        add(row(arm, role), m.forward_features, frozen_fwd_bwd(embed, m.blocks, m.norm, head, autocast))
+
+    def add_method(arm, role, method, options=None, default=False, grad_checkpointing=False):
+        model = methods.build_model(method, copy.deepcopy(base), args.num_classes, **(options or {})).to(device)
+        model.set_grad_checkpointing(grad_checkpointing)
+        opt = train.make_optimizer(model, dict(methods.METHODS[method].recipe, momentum=train.MOMENTUM))
+        return add(row(arm, role, method, options, model, default), lambda x: model.eval()(x),
+                   train_step(model, opt, autocast, scaler)), model
+
+    defaults = {}   # method -> (its arm without ' (default)', its default row)
+    for m in args.methods:
+        r, model = add_method(m, 'method', m, default=True)
+        name = label = {'vpt': 'vpt-deep', 'spt': 'spt-deep'}.get(m, m)
+        if m in methods.PROMPTED:
+            name = f"{label} P={r['prompts']}"
+            r['arm'] = f"{name} (default)"
+            ps = set(args.prompts) | ({methods.init_options(methods.LSPT)['prompts']}   # LSPT's target: VPT at its P
+                                      if m == 'vpt' and 'lspt' in args.methods else set())
+            for P in sorted(ps - {r['prompts']}):
+                add_method(f"{label} P={P}", 'prompts', m, {'prompts': P})
+        if m == 'lspt':
+            add_method(f"{name} dropout 0", 'lspt-nodrop', m, {'prompt_dropout': 0.0})
+        if m == 'sa2vp':   # the official dropout 0.1 in the frozen backbone is RNG-bound on the CPU: show its share
+            name = r['arm'] = f"sa2vp t={model.ppt.shape[-1]}"
+            add_method(f"{name} no dropout", 'sa2vp-nodrop', m, {'sa2vp_dropout': False})
+        defaults[m] = (name, r)
+    for m, (name, d) in defaults.items():
+        if m != 'linear':   # linear runs its blocks under no_grad: nothing to checkpoint
+            add_method(f"{name} grad checkpointing", 'grad-ckpt', m, grad_checkpointing=True)[0]['of'] = d
+
+    if 'spt' in args.methods:
+        g = torch.Generator().manual_seed(args.seed)
+        imgs = CountingImages(torch.randn(args.spt_images, 3, args.img_size, args.img_size, generator=g))
+        loader = torch.utils.data.DataLoader(imgs, batch_size=args.batch_size, shuffle=False)  # as train.py's
+        spt = methods.build_model('spt', copy.deepcopy(base), args.num_classes).to(device)
+        for s in SPT_STRATEGIES:
+            r = row(f"spt init {s}", 'spt-init', 'spt', {'spt_init': s}, spt, images=args.spt_images)
+
+            def init(x, y, s=s, r=r):   # s and r bound now, as the loop goes on
+                imgs.reads = 0
+                with autocast():
+                    spt.init_prompts(loader, strategy=s, generator=torch.Generator().manual_seed(0))
+                r['images_run'] = imgs.reads
+            add(r, step=init, flops=lambda: spt.layer_tokens(x1))
+        d, steps = defaults['spt'][1], math.ceil(args.spt_images / args.batch_size)
+        add(row('spt epoch (estimated)', 'spt-epoch', 'spt', {}, spt, gflops=d['gflops'], steps=steps,
+                note=f"{steps} steps x median spt train step"))
+
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(args.num_classes, (args.batch_size,), device=device)
-    time_rounds(phases, args, x, y, device, log)
+
+    # timing: round-robin over the phases from a start that rotates each round; the SPT inits in the last rounds only
+    n = args.warmup + args.iters
+    log(f"{len(rows)} rows built, FLOPs counted; {len(phases)} phases, {args.warmup} warm-up + {args.iters} rounds")
+    for it in range(n):
+        t_round, shift = time.perf_counter(), it % len(phases)
+        for r, key, fn in phases[shift:] + phases[:shift]:
+            if r['role'] == 'spt-init' and it < n - args.init_iters:
+                continue
+            t = seconds(lambda: fn(x, y), device)
+            if it >= args.warmup:
+                r[key + '_times_ms'].append(t * 1e3)
+        log(f"round {it + 1}/{n}{' (warm-up)' if it < args.warmup else ''}: {time.perf_counter() - t_round:.1f} s")
 
     # peak memory: one more call of every phase; glibc's mmap and trim thresholds low meanwhile (freed tensors leave)
     set_malloc = lambda mmap, trim: device.type == 'cpu' and LIBC and LIBC.mallopt(-3, mmap) and LIBC.mallopt(-1, trim)
     set_malloc(64 << 10, 128 << 10)
-    for r, key, fn, _ in phases:
+    for r, key, fn in phases:
         r[f"mem_{key}_mb"] = peak_memory_mb(lambda: fn(x, y), device)
     set_malloc(32 << 20, 64 << 20)
     memory = ('CUDA max_memory_allocated above the allocation before the call' if device.type == 'cuda' else
@@ -613,17 +536,13 @@ def run(args, argv):
     summarise(rows, args, base)
     checkpointing_notes(rows)
     loader = loader_rows(args, device, log) if args.loader_images > 0 else []
-    meta = dict(arm='meta', command=' '.join(['python', 'bench.py', *(sys.argv[1:] if argv is None else argv)]),
-                torch=torch.__version__, timm=__import__('timm').__version__, threads=threads,
+    meta = dict(arm='meta', command=command, torch=torch.__version__, timm=timm.__version__, threads=threads,
                 device=str(device), amp=amp, arch=args.arch, img_size=args.img_size, batch_size=args.batch_size,
                 iters=args.iters, warmup=args.warmup, init_iters=args.init_iters, spt_images=args.spt_images,
-                num_classes=args.num_classes, seed=args.seed, memory=memory,
-                seconds=time.perf_counter() - t_start)
+                num_classes=args.num_classes, seed=args.seed, memory=memory, seconds=time.perf_counter() - t_start)
     results = [meta, *rows, *loader]
-    if args.json:
-        print(json.dumps(results, indent=1))
-    else:
-        print('\n\n'.join([markdown(rows, meta)] + ([loader_markdown(loader)] if loader else [])))
+    tables = [markdown(rows, meta)] + ([loader_markdown(loader)] if loader else [])
+    print(json.dumps(results, indent=1) if args.json else '\n\n'.join(tables))
     return results
 
 
