@@ -192,17 +192,6 @@ def row(arm, role, method=None, options=None, model=None, default=False, **extra
         **extra)
 
 
-def checkpointing_notes(rows):
-    """'memory a x, time b x of <default row>' on each grad-checkpointing row (after timing and the memory pass)."""
-    for r in rows:
-        if r['role'] == 'grad-ckpt':
-            d = r.pop('of')
-            mem = r['mem_train_mb'] / d['mem_train_mb'] if r['mem_train_mb'] and d['mem_train_mb'] else None
-            r['mem_train_ratio'] = mem
-            r['time_ratio'] = statistics.median(a / b for a, b in zip(r['train_times_ms'], d['train_times_ms']))
-            r['note'] = f"train memory {fmt(mem, '.2f')}x, time {r['time_ratio']:.2f}x of the default"
-
-
 # -----------------------------------------------------------------------------
 # the input pipeline: images/s of one loader worker (data.py's real transforms) and of the decoded cache
 
@@ -261,67 +250,56 @@ def loader_markdown(rows):
 
 
 def verdict(lo, hi, bound):
-    """A ratio whose rounds spread over [lo, hi] against an upper bound: 'pass' when every round is within it,
-    'MISS' when every round is above it, 'unresolved' when the spread covers it (then noise decides, not the
-    code; target_pass is None)."""
+    """Per-round ratios spread over [lo, hi] against an upper bound (target_pass is None when 'unresolved')."""
     return 'pass' if hi <= bound else 'MISS' if lo > bound else 'unresolved'
 
 
-def summarise(rows, args, base):
-    """Medians, ratios and the targets of the module docstring."""
-    med = lambda v: statistics.median(v) if v else None  # noqa: E731
-    for r in rows:
-        r['fwd_ms'], r['train_ms'] = med(r['fwd_times_ms']), med(r['train_times_ms'])
-    by_role = lambda role: [r for r in rows if r['role'] == role]  # noqa: E731
-    bb, tm = by_role('backbone')[0], by_role('timm')[0]
-    spt = next((r for r in rows if r['method'] == 'spt' and r['default'] and r['role'] == 'method'), None)
-    for r in by_role('spt-epoch'):
-        r['train_ms'] = r['steps'] * spt['train_ms']
-    vpt_at = {r['prompts']: r for r in rows if r['method'] == 'vpt' and r['role'] in ('method', 'prompts')}
-    N1 = base.num_patches + 1
+def spread(a, b, key='train'):
+    """a / b: (median, lowest, highest) of the per-round ratios when both ran in the same rounds, else of medians."""
+    ta, tb = a[key + '_times_ms'], b[key + '_times_ms']
+    rs = [u / v for u, v in zip(ta, tb)] if ta and len(ta) == len(tb) else [a[key + '_ms'] / b[key + '_ms']]
+    return statistics.median(rs), min(rs), max(rs)
 
-    def spread(a, b, ka='train', kb='train'):
-        """a / b as (median, lowest, highest) of the per-round ratios when both ran in the same rounds (paired,
-        so a round slowed down by something else on the machine cancels), else the ratio of the medians."""
-        ta, tb = a[ka + '_times_ms'], b[kb + '_times_ms']
-        if ta and len(ta) == len(tb):
-            rs = [u / v for u, v in zip(ta, tb)]
-            return statistics.median(rs), min(rs), max(rs)
-        v = a[ka + '_ms'] / b[kb + '_ms']
-        return v, v, v
 
-    def ratio(a, b, ka='train', kb='train'):
-        return spread(a, b, ka, kb)[0]
-
-    def target(r, ratios, bound, text):
+def summarise(rows, base):
+    """Medians, ratios to the backbone (rows[0]), the targets of the module docstring, and the notes."""
+    def judge(r, ratios, bound, text):
         value, lo, hi = ratios
         v = verdict(lo, hi, bound)
-        r['target_value'], r['target_bound'], r['target_spread'] = value, bound, [lo, hi]
-        r['target_verdict'], r['target_pass'] = v, {'pass': True, 'MISS': False}.get(v)
-        r['target'] = f"{text} {value:.2f} (rounds {lo:.2f}-{hi:.2f}) <= {bound:.2f} {v}"
+        r.update(target_value=value, target_bound=bound, target_spread=[lo, hi], target_verdict=v,
+                 target_pass={'pass': True, 'MISS': False}.get(v),
+                 target=f"{text} {value:.2f} (rounds {lo:.2f}-{hi:.2f}) <= {bound:.2f} {v}")
 
-    epoch = next((r['train_ms'] for r in by_role('spt-epoch')), None)
-    for r in by_role('spt-init'):
-        r['note'] = f"{r['images']} images, {r['images_run']} run"
     for r in rows:
-        r['ratio'] = ratio(r, bb)
+        r['fwd_ms'], r['train_ms'] = [statistics.median(t) if t else None
+                                      for t in (r['fwd_times_ms'], r['train_times_ms'])]
+        if r['role'] == 'spt-epoch':   # the last row
+            r['train_ms'] = epoch = r['steps'] * r.pop('of')['train_ms']
+    bb, tm, N1 = rows[0], rows[1], base.num_patches + 1
+    vpt_at = {r['prompts']: r for r in rows if r['method'] == 'vpt' and r['role'] in ('method', 'prompts')}
+    for r in rows:
+        m, P, role = r['method'], r['prompts'], r['role']
+        r['ratio'] = spread(r, bb)[0]
         if r['fwd_ms'] is not None:
-            r['fwd_ratio'] = ratio(r, bb, 'fwd', 'fwd')
-        if r['role'] == 'grad-ckpt':   # judged against its own default row (checkpointing_notes), not a target
-            continue
-        if r['role'] == 'backbone':
-            target(r, spread(bb, tm), 1.05, 'ours/timm fwd+bwd')
-        elif r['method'] in ('vpt', 'spt') and r['role'] in ('method', 'prompts'):
-            P = r['prompts']
-            target(r, spread(r, bb), 1.1 * (N1 + P) / N1, f'/backbone, 1.1x({N1}+{P})/{N1}:')
-        elif r['method'] == 'lspt' and r['prompts'] in vpt_at:
-            target(r, spread(r, vpt_at[r['prompts']]), 1.3, f"/vpt-deep P={r['prompts']}")
-        elif r['method'] == 'sa2vp':
-            target(r, spread(r, bb), 2.4, '/backbone')
-        elif r['role'] == 'spt-init':  # one timed round: a single value
+            r['fwd_ratio'] = spread(r, bb, 'fwd')[0]
+        if role == 'grad-ckpt':   # against its default row, no target
+            d = r.pop('of')
+            mem = r['mem_train_ratio'] = (r['mem_train_mb'] / d['mem_train_mb']
+                                          if r['mem_train_mb'] and d['mem_train_mb'] else None)
+            r['time_ratio'] = spread(r, d)[0]
+            r['note'] = f"train memory {fmt(mem, '.2f')}x, time {r['time_ratio']:.2f}x of the default"
+        elif role == 'backbone':
+            judge(r, spread(bb, tm), 1.05, 'ours/timm fwd+bwd')
+        elif m in ('vpt', 'spt') and role in ('method', 'prompts'):
+            judge(r, spread(r, bb), 1.1 * (N1 + P) / N1, f'/backbone, 1.1x({N1}+{P})/{N1}:')
+        elif m == 'lspt' and P in vpt_at:
+            judge(r, spread(r, vpt_at[P]), 1.3, f"/vpt-deep P={P}")
+        elif m == 'sa2vp':
+            judge(r, spread(r, bb), 2.4, '/backbone')
+        elif role == 'spt-init':   # against an estimated epoch: one value
+            r['note'] = f"{r['images']} images, {r['images_run']} run"
             v = r['train_ms'] / epoch
-            target(r, (v, v, v), 1.0 if r['options']['spt_init'] == 'kmeans' else 0.25, 'init/epoch')
-    return rows
+            judge(r, (v, v, v), 1.0 if r['options']['spt_init'] == 'kmeans' else 0.25, 'init/epoch')
 
 
 def fmt(v, spec):
@@ -343,19 +321,17 @@ def markdown(rows, meta):
              f"- GFLOPs/img: one eval forward at batch 1 (spt init rows: the token extraction, k-means not counted). "
              f"Peak MB: {meta['memory']}", '',
              '| arm | tuned params | GFLOPs/img | fwd ms | train ms | ÷ backbone fwd+bwd | target '
-             '| peak MB fwd / train |',
-             '|---|--:|--:|--:|--:|--:|---|--:|']
+             '| peak MB fwd / train |', '|---|--:|--:|--:|--:|--:|---|--:|']
     for r in rows:
-        mem = f"{fmt(r['mem_fwd_mb'], '.0f')} / {fmt(r['mem_train_mb'], '.0f')}"
         arm = r['arm'] + (f" ({r['note']})" if r['note'] else '')
         lines.append(f"| {arm} | {r['tuned_params']:,} | {fmt(r['gflops'], '.3g')} | {fmt(r['fwd_ms'], '.1f')} | "
-                     f"{fmt(r['train_ms'], '.1f')} | {fmt(r['ratio'], '.2f')} | {r['target'] or '-'} | {mem} |")
-    judged = [r for r in rows if r['target_verdict'] is not None]
-    by = {v: [r['arm'] for r in judged if r['target_verdict'] == v] for v in ('pass', 'MISS', 'unresolved')}
-    lines += ['', f"speed targets: {len(by['pass'])} pass, {len(by['MISS'])} miss"
-              + (f" ({'; '.join(by['MISS'])})" if by['MISS'] else '')
-              + f", {len(by['unresolved'])} unresolved (the per-round ratios straddle the bound: rerun with more "
-              f"--iters on a quieter machine)" + (f" ({'; '.join(by['unresolved'])})" if by['unresolved'] else '')]
+                     f"{fmt(r['train_ms'], '.1f')} | {fmt(r['ratio'], '.2f')} | {r['target'] or '-'} | "
+                     f"{fmt(r['mem_fwd_mb'], '.0f')} / {fmt(r['mem_train_mb'], '.0f')} |")
+    by = {v: [r['arm'] for r in rows if r['target_verdict'] == v] for v in ('pass', 'MISS', 'unresolved')}
+    arms = lambda v: f" ({'; '.join(by[v])})" if by[v] else ''  # noqa: E731
+    lines += ['', f"speed targets: {len(by['pass'])} pass, {len(by['MISS'])} miss{arms('MISS')}, "
+              f"{len(by['unresolved'])} unresolved (the per-round ratios straddle the bound: rerun with more --iters "
+              f"on a quieter machine){arms('unresolved')}"]
     return '\n'.join(lines)
 
 
@@ -503,7 +479,7 @@ def run(args, command):
                 r['images_run'] = imgs.reads
             add(r, step=init, flops=lambda: spt.layer_tokens(x1))
         d, steps = defaults['spt'][1], math.ceil(args.spt_images / args.batch_size)
-        add(row('spt epoch (estimated)', 'spt-epoch', 'spt', {}, spt, gflops=d['gflops'], steps=steps,
+        add(row('spt epoch (estimated)', 'spt-epoch', 'spt', {}, spt, gflops=d['gflops'], steps=steps, of=d,
                 note=f"{steps} steps x median spt train step"))
 
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -533,8 +509,7 @@ def run(args, command):
               'tensors leave the RSS; existing weights and optimizer state not counted)')
     log('memory pass done')
 
-    summarise(rows, args, base)
-    checkpointing_notes(rows)
+    summarise(rows, base)
     loader = loader_rows(args, device, log) if args.loader_images > 0 else []
     meta = dict(arm='meta', command=command, torch=torch.__version__, timm=timm.__version__, threads=threads,
                 device=str(device), amp=amp, arch=args.arch, img_size=args.img_size, batch_size=args.batch_size,
