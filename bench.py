@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import io
 import json
 import math
 import os
@@ -96,10 +97,7 @@ def parse_args(argv=None):
     return args
 
 
-# -----------------------------------------------------------------------------
-# FLOPs and memory
-
-
+# --- time, FLOPs and memory of one call
 def seconds(fn, device=torch.device('cpu')):
     """Wall time of fn(), the work it queued on a CUDA device included."""
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda device: None)
@@ -140,9 +138,7 @@ def peak_memory_mb(fn, device):
     return status('VmHWM') - base
 
 
-# -----------------------------------------------------------------------------
-# the timed calls: step(x, y) with x (B, 3, H, W), y (B,)
-
+# --- the timed calls: step(x, y) with x (B, 3, H, W), y (B,)
 def frozen_fwd_bwd(embed, blocks, norm, head, autocast):
     """Forward + backward through frozen blocks with the gradient flowing to the input tokens only."""
     def step(x, y):
@@ -178,9 +174,7 @@ class CountingImages(torch.utils.data.TensorDataset):
         return self.tensors[0][i], 0
 
 
-# -----------------------------------------------------------------------------
-# the rows
-
+# --- the rows
 def row(arm, role, method=None, options=None, model=None, default=False, **extra):
     """A row of the table and the JSON; model (the one timed) gives the tuned parameters and the prompts."""
     tuned = 0 if model is None else sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -192,63 +186,7 @@ def row(arm, role, method=None, options=None, model=None, default=False, **extra
         **extra)
 
 
-# -----------------------------------------------------------------------------
-# the input pipeline: images/s of one loader worker (data.py's real transforms) and of the decoded cache
-
-def loader_rows(args, device, log):
-    """Per set, with one thread as in a worker: decode + train transform, best of 2 passes. For FGVC also the decoded
-    cache in the main process, best of 3 passes of >= 1024 images: its host side alone, and then + data.to_device."""
-    def rate_row(arm, role, kb, rate, **extra):
-        log(f"loader {arm}: {rate:.0f} images/s")
-        return dict(arm=arm, role=role, data=name, **extra, images=len(ds), kb_per_file=kb,
-                    images_per_s_per_worker=rate, images_per_s_16_workers=16 * rate if role == 'loader' else None,
-                    workers_for_gpu_rate=math.ceil(GPU_RATE / rate))
-    rows = []
-    torch.set_num_threads(1)   # main() restores the caller's
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, name, (w, h) in LOADER_SETS:
-            rng, paths = np.random.RandomState(args.seed), [f"{tmp}/{name}-{i}.jpg" for i in range(args.loader_images)]
-            for path in paths:   # a smooth random field plus sensor-like noise: ~85 KB at 500x375, like a real photo
-                low = rng.randint(0, 256, (max(h // 24, 2), max(w // 24, 2), 3)).astype(np.uint8)
-                img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
-                img = Image.fromarray((img + rng.normal(0, 6, img.shape)).clip(0, 255).astype(np.uint8))
-                img.save(path, quality=95)
-            ds = data.ImageListDataset(name, 'train', tmp, [(p, 0) for p in paths], 1,
-                                       data.build_transform(name, train=True, img_size=args.img_size))
-            rate = max(len(ds) / seconds(lambda: [ds[i] for i in range(len(ds))]) for _ in range(2))
-            kb = sum(os.path.getsize(p) for p in paths) / len(ds) / 1024
-            rows.append(rate_row(label, 'loader', kb, rate, width=w, height=h))
-            if name == 'cub':
-                cache = data.DecodedCache(ds, train=True, img_size=args.img_size)
-                loader = data.build_loader(cache, args.batch_size, train=True, workers=0)
-                epochs = math.ceil(1024 / len(ds))
-                for finish, what in ((False, 'host side'), (True, f"host + flip/normalise on {device.type}")):
-                    def passes():
-                        for _ in range(epochs):
-                            for x, _ in loader:
-                                if finish:
-                                    data.to_device(x, device, cache)
-                    rate = max(epochs * len(ds) / seconds(passes, device) for _ in range(3))
-                    kb = cache.nbytes / len(ds) / 1024   # the cached uint8 bytes
-                    rows.append(rate_row(f"{label}, decoded cache, {what}", 'loader-cache', kb, rate))
-    return rows
-
-
-def loader_markdown(rows):
-    lines = [f"Input pipeline at {GPU_RATE:,} images/s (one current GPU, VPT-deep ViT-B/16, bf16): one worker = "
-             "decode + data.py's train transform in one process with one thread; the decoded cache rows run in the "
-             "main process (no workers), and their KB are the cached uint8 bytes per image.", '',
-             '| images | KB per image | images/s per worker | x 16 workers | workers for 2,500 images/s |',
-             '|---|--:|--:|--:|--:|']
-    lines += [f"| {r['arm']} | {r['kb_per_file']:.0f} | {r['images_per_s_per_worker']:,.0f} | "
-              f"{fmt(r['images_per_s_16_workers'], ',.0f')} | {r['workers_for_gpu_rate']} |" for r in rows]
-    return '\n'.join(lines)
-
-
-# -----------------------------------------------------------------------------
-# measuring and summarising
-
-
+# --- ratios, targets and the table
 def verdict(lo, hi, bound):
     """Per-round ratios spread over [lo, hi] against an upper bound (target_pass is None when 'unresolved')."""
     return 'pass' if hi <= bound else 'MISS' if lo > bound else 'unresolved'
@@ -335,51 +273,88 @@ def markdown(rows, meta):
     return '\n'.join(lines)
 
 
-def linear_grid(args):
-    """The linear-probe grid trained in one pass (train.py with comma lists of --lr / --wd: one backbone forward per
-    image, features cached, since digits has no augmentation) vs one train.py run per cell, 8 cells (lr 4 x wd 2),
-    digits, a random vit_micro_patch8 at 16 px, --grid-epochs epochs, in-process train.main calls. Each round runs
-    both arms (the order alternates); the ratio is the median of the per-round ratios. Also the backbone forwards
-    each arm needs, counted: per cell epochs x (800 train + 200 val) for separate runs, 800 + 200 once for the grid."""
-    import io
-    import tempfile
+# --- the input pipeline: images/s of one loader worker (data.py's real transforms) and of the decoded cache
+def loader_rows(args, device, log):
+    """Per set, with one thread as in a worker: decode + train transform, best of 2 passes. For FGVC also the decoded
+    cache in the main process, best of 3 passes of >= 1024 images: its host side alone, and then + data.to_device."""
+    def rate_row(arm, role, kb, rate, **extra):
+        log(f"loader {arm}: {rate:.0f} images/s")
+        return dict(arm=arm, role=role, data=name, **extra, images=len(ds), kb_per_file=kb,
+                    images_per_s_per_worker=rate, images_per_s_16_workers=16 * rate if role == 'loader' else None,
+                    workers_for_gpu_rate=math.ceil(GPU_RATE / rate))
+    rows = []
+    torch.set_num_threads(1)   # main() restores the caller's
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, name, (w, h) in LOADER_SETS:
+            rng, paths = np.random.RandomState(args.seed), [f"{tmp}/{name}-{i}.jpg" for i in range(args.loader_images)]
+            for path in paths:   # a smooth random field plus sensor-like noise: ~85 KB at 500x375, like a real photo
+                low = rng.randint(0, 256, (max(h // 24, 2), max(w // 24, 2), 3)).astype(np.uint8)
+                img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
+                img = Image.fromarray((img + rng.normal(0, 6, img.shape)).clip(0, 255).astype(np.uint8))
+                img.save(path, quality=95)
+            ds = data.ImageListDataset(name, 'train', tmp, [(p, 0) for p in paths], 1,
+                                       data.build_transform(name, train=True, img_size=args.img_size))
+            rate = max(len(ds) / seconds(lambda: [ds[i] for i in range(len(ds))]) for _ in range(2))
+            kb = sum(os.path.getsize(p) for p in paths) / len(ds) / 1024
+            rows.append(rate_row(label, 'loader', kb, rate, width=w, height=h))
+            if name == 'cub':
+                cache = data.DecodedCache(ds, train=True, img_size=args.img_size)
+                loader = data.build_loader(cache, args.batch_size, train=True, workers=0)
+                epochs = math.ceil(1024 / len(ds))
+                for finish, what in ((False, 'host side'), (True, f"host + flip/normalise on {device.type}")):
+                    def passes():
+                        for _ in range(epochs):
+                            for x, _ in loader:
+                                if finish:
+                                    data.to_device(x, device, cache)
+                    rate = max(epochs * len(ds) / seconds(passes, device) for _ in range(3))
+                    kb = cache.nbytes / len(ds) / 1024   # the cached uint8 bytes
+                    rows.append(rate_row(f"{label}, decoded cache, {what}", 'loader-cache', kb, rate))
+    return rows
 
-    import train
-    lrs, wds = [0.5, 0.2, 0.1, 0.05], [0.0, 0.001]
+
+def loader_markdown(rows):
+    lines = [f"Input pipeline at {GPU_RATE:,} images/s (one current GPU, VPT-deep ViT-B/16, bf16): one worker = "
+             "decode + data.py's train transform in one process with one thread; the decoded cache rows run in the "
+             "main process (no workers), and their KB are the cached uint8 bytes per image.", '',
+             '| images | KB per image | images/s per worker | x 16 workers | workers for 2,500 images/s |',
+             '|---|--:|--:|--:|--:|']
+    lines += [f"| {r['arm']} | {r['kb_per_file']:.0f} | {r['images_per_s_per_worker']:,.0f} | "
+              f"{fmt(r['images_per_s_16_workers'], ',.0f')} | {r['workers_for_gpu_rate']} |" for r in rows]
+    return '\n'.join(lines)
+
+
+# --- the linear-probe grid
+def linear_grid(args):
+    """The linear-probe grid in one train.py run (features cached) vs one run per cell, 8 cells on digits, in-process,
+    order alternating; backbone forwards: epochs x (800 train + 200 val) per cell vs 800 + 200 for the grid."""
+    lrs, wds = ['0.5', '0.2', '0.1', '0.05'], ['0.0', '0.001']
     common = ['--method', 'linear', '--arch', 'vit_micro_patch8', '--pretrain', 'none', '--data', 'digits',
               '--img-size', '16', '--epochs', str(args.grid_epochs), '--batch-size', '32', '--warmup-epochs', '0',
               '--workers', '0', '--log-interval', '0']
+    runs = {'grid': [['--lr', ','.join(lrs), '--wd', ','.join(wds)]],
+            'separate': [['--lr', lr, '--wd', wd] for lr in lrs for wd in wds]}
     times = {'grid': [], 'separate': []}
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        for r in range(args.warmup + args.iters):
-            arms = ['grid', 'separate'] if r % 2 == 0 else ['separate', 'grid']
-            for arm in arms:
-                t0 = time.perf_counter()
-                if arm == 'grid':
-                    train.main(common + ['--lr', ','.join(map(str, lrs)), '--wd', ','.join(map(str, wds)),
-                                         '--out', os.path.join(tmp, f'{r}-grid')])
-                else:
-                    for lr in lrs:
-                        for wd in wds:
-                            train.main(common + ['--lr', str(lr), '--wd', str(wd),
-                                                 '--out', os.path.join(tmp, f'{r}-lr{lr}-wd{wd}')])
-                if r >= args.warmup:
-                    times[arm].append(time.perf_counter() - t0)
-    ratio = statistics.median(s / g for s, g in zip(times['separate'], times['grid']))
-    cells = len(lrs) * len(wds)
+        for i in range(args.warmup + args.iters):
+            for arm in ('grid', 'separate') if i % 2 == 0 else ('separate', 'grid'):
+                t = seconds(lambda: [train.main(common + cell + ['--out', f'{tmp}/{i}-{arm}-{j}'])
+                                     for j, cell in enumerate(runs[arm])])
+                if i >= args.warmup:
+                    times[arm].append(t)
+    cells = len(runs['separate'])
     row = dict(arm=f'linear grid, {cells} cells (digits, vit_micro_patch8, {args.grid_epochs} epochs)',
-               grid_s=statistics.median(times['grid']), separate_s=statistics.median(times['separate']), ratio=ratio,
+               grid_s=statistics.median(times['grid']), separate_s=statistics.median(times['separate']),
+               ratio=statistics.median(s / g for s, g in zip(times['separate'], times['grid'])),
                forwards_separate=cells * args.grid_epochs * (800 + 200), forwards_grid=800 + 200)
-    if args.json:
-        print(json.dumps([row], indent=1))
-    else:
-        print('| arm | one pass s | one run per cell s | separate / one pass '
-              '| backbone forwards, separate / one pass |\n|---|--:|--:|--:|--:|\n'
-              f"| {row['arm']} | {row['grid_s']:.2f} | {row['separate_s']:.2f} | {ratio:.2f} | "
-              f"{row['forwards_separate']:,} / {row['forwards_grid']:,} |")
+    print(json.dumps([row], indent=1) if args.json else
+          '| arm | one pass s | one run per cell s | separate / one pass | backbone forwards, separate / one pass |\n'
+          f"|---|--:|--:|--:|--:|\n| {row['arm']} | {row['grid_s']:.2f} | {row['separate_s']:.2f} | "
+          f"{row['ratio']:.2f} | {row['forwards_separate']:,} / {row['forwards_grid']:,} |")
     return [row]
 
 
+# --- main
 def main(argv=None):
     args = parse_args(argv)
     if args.linear_grid:
