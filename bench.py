@@ -276,7 +276,7 @@ def markdown(rows, meta):
 # --- the input pipeline: images/s of one loader worker (data.py's real transforms) and of the decoded cache
 def loader_rows(args, device, log):
     """Per set, with one thread as in a worker: decode + train transform, best of 2 passes. For FGVC also the decoded
-    cache in the main process, best of 3 passes of >= 1024 images: its host side alone, and then + data.to_device."""
+    cache in the main process, best of 3 passes of >= 1024 images: host side alone, then with flip + normalisation."""
     def rate_row(arm, role, kb, rate, **extra):
         log(f"loader {arm}: {rate:.0f} images/s")
         return dict(arm=arm, role=role, data=name, **extra, images=len(ds), kb_per_file=kb,
