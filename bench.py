@@ -1,104 +1,48 @@
 """
 Speed, memory and FLOPs of every method side by side, as ratios against fixed targets, in one process.
 
-    python bench.py                                   # ViT-B/16, 224 px, batch 8; CUDA + bf16 if there, else CPU fp32
-    python bench.py --device cuda --batch-size 64     # an error where torch sees no GPU
-    python bench.py --arch vit_tiny_patch16_224 --iters 5
-    python bench.py --methods vpt,lspt --prompts 50,100 --json > bench.json
+    python bench.py --methods vpt,lspt --prompts 50,100 --json > bench.json   # CUDA + bf16 if there, else CPU fp32
 
-Every timed call ("phase") of every row runs once per round, round-robin (the starting phase rotates
-each round), so machine noise hits all rows alike; the first --warmup rounds are dropped and the
-median of the other --iters rounds is reported. Ratios are medians of the per-round ratios (a
-round that something else on the machine slowed down then cancels). A target is judged on the spread
-of those per-round ratios: pass when every round is within the bound, MISS when every round is above
-it, and "unresolved" when the spread covers the bound (noise decides; run more --iters on a quieter
-machine). --device and --amp default as in train.py: CUDA with bf16 autocast when there is a GPU. The rows:
+The rows. backbone (ours) and timm ViT (same weights): fwd = forward_features; train = fwd+bwd through the frozen
+blocks, gradient to the input tokens only (a fixed head on cls): the floor of every prompt method. Each method at its defaults, at each --prompts P, lspt without prompt dropout, sa2vp without its
+backbone dropout, each with grad checkpointing (its memory and time as multiples of the default's): fwd = eval
+forward under no_grad; train = zero_grad, model.loss, backward and a step of the optimizer of the method's recipe as
+train.py builds it. spt init <strategy>: SPT.init_prompts over --spt-images random images, timed in the last
+--init-iters rounds. spt epoch (estimated): ceil(spt_images / batch) x the median spt train step.
 
-  backbone (ours) / timm ViT   fwd: forward_features under no_grad. fwd+bwd: the floor every prompt
-                               method pays: embedding (no grad), then blocks + norm on tokens that
-                               require grad, a cross-entropy from the cls token through a fixed
-                               linear head, backward. All weights frozen: the gradient reaches the
-                               input tokens only. timm's VisionTransformer has the same config and
-                               our weights (timm's patch_embed / _pos_embed, then its blocks / norm).
-  each method                  fwd: eval, no_grad, model(x). train: zero_grad, model.loss(x, y),
-                               backward, optimizer step with the optimizer of the method's recipe as
-                               train.py builds it (SGD momentum for linear/full/vpt/lspt, AdamW for
-                               spt/sa2vp). The methods are methods.METHODS.
-  each method with --prompts   the same, at each --prompts P (vpt/spt deep); lspt also without prompt
-                               dropout (its input-side gate projection is then batch-independent).
-  spt init <strategy>          SPT.init_prompts with a DataLoader (batches of --batch-size) over
-                               --spt-images fixed random images; timed in the last --init-iters
-                               rounds only (no warm-up of its own: the backbone forward is already
-                               warm). random/mean/max read only the images their drawn (image,
-                               token) pairs fall in (at most P x depth); the row says how many. With
-                               few images that is nearly all of them, so their init/epoch ratio
-                               here is an upper bound of the one on a real training set.
-  spt epoch (estimated)        ceil(spt_images / batch) x the median SPT train step of this run.
-  <method> grad checkpointing  each method's default with set_grad_checkpointing() (blocks recomputed
-                               in backward); the note gives its train memory and time as multiples
-                               of the default row's (linear: nothing to checkpoint, no row).
-
-The input-pipeline table (--loader-images N per set, 0 = none; --loader-only = just this table):
-images/s of one loader worker, i.e. decoding + data.py's train transform in this process with one
-thread, on --loader-images synthetic photo-like JPEGs per set (FGVC 500x375, VTAB-1k sizes 32x32,
-256x256, 480x320) in a temporary folder, best of two passes; x 16 workers, and the workers needed for
-GPU_RATE images/s. Then the decoded cache (decoded_cache.DecodedCache) in the main process: host side alone,
-and with the flip and normalisation on --device.
-
-Targets (the `target` column; a miss is reported, not raised) and why these bounds:
-  ours / timm fwd+bwd <= 1.05  models.py is a readable copy of timm's ViT on the same kernels (fused
-                               qkv, scaled_dot_product_attention): readability may cost at most 5%.
-  VPT, SPT <= 1.1 x (N+P)/N    of the backbone, N = 197 for ViT-B/16 at 224 px: prompts only lengthen
-                               the sequence, and at these lengths a block costs nearly linearly in
-                               its tokens (attention is ~4% of ViT-B's FLOPs); 10% is left for
-                               inserting the prompts.
-  LSPT <= 1.3 x VPT-deep       at the same P: the shared LSTMCell adds 11 steps x P rows x 8 D^2
-                               multiply-adds, +19% forward FLOPs at P = 100 for ViT-B; its input-side
-                               projection is computed once per step when prompt dropout is off.
-  SA²VP <= 2.4 x backbone      the official model does ~2.5x a backbone forward in FLOPs (26 block
-                               passes and 12 cross-attentions), plus its per-query Python loop;
-                               sharing each stream's norm1 + qkv between self- and cross-attention
-                               brings ours to ~2.3x (80.4 vs 35.1 GFLOPs for ViT-B), and 2.4 leaves
-                               ~5% for the rest.
-  SPT init / epoch             kmeans <= 1, random/mean/max <= 0.25: an init that costs more than a
-                               training epoch would dominate a run (the paper's Table 1 k-means took
-                               27.3 days on CUB); k-means streams the training set once, forward
-                               only, and the sampling inits forward P images.
-
-FLOPs: torch.utils.flop_counter.FlopCounterMode over one eval forward at batch 1 (prompt tokens
-included; matmuls, convolutions and attention; CPU attention is counted with the same formula
-as the CUDA kernels, which FlopCounterMode lacks for CPU). Peak memory, in one extra pass after
-timing: on CUDA max_memory_allocated above memory_allocated before the call (stats reset per call);
-on CPU the peak resident set size above the RSS before the call, sampled every ~1 ms from
-/proc/self/statm in a thread, with glibc's mmap threshold fixed at 64 KiB for that pass so that
-freed tensors leave the RSS (weights and optimizer state that already exist are not counted;
-activations, gradients and temporaries are).
-
---json prints the results to stdout as a JSON list of dicts instead of the Markdown table: the
-first dict is the run's metadata (arm == 'meta'), then one per row. main(argv) returns the same
-list. Progress goes to stderr. The backbone is random (models.create_backbone(arch, 'none')):
-speed does not depend on the weights. Every row gets its own deep copy of one backbone.
-Style: karpathy/nanoGPT bench.py (one flat script, plain argparse).
+Each round runs every timed call once, round-robin from a rotating start, so machine noise hits all rows alike; the
+--warmup rounds are dropped, times are medians of the --iters rounds and ratios medians of the per-round ratios. A
+target passes when every round's ratio is within its bound, MISSes when every one is above it, and is unresolved
+when they straddle it (noise decides: run more --iters on a quieter machine). The targets:
+  ours / timm fwd+bwd <= 1.05  models.py is a readable copy of timm's ViT on the same kernels: at most 5% slower.
+  VPT, SPT <= 1.1 x (N+P)/N    of the backbone (N = 197 for ViT-B/16): prompts only lengthen the sequence (+10%).
+  LSPT <= 1.3 x VPT-deep       at the same P: its shared LSTMCell adds 19% forward FLOPs at P = 100 for ViT-B.
+  SA²VP <= 2.4 x backbone      ours does ~2.3x a backbone's FLOPs (80.4 vs 35.1 G for ViT-B; the official ~2.5x).
+  SPT init / epoch             kmeans <= 1, random/mean/max <= 0.25: an init must not dominate a run.
+--loader-only: only the input-pipeline table. --linear-grid: see linear_grid(). --json: the list main(argv) returns.
 """
 
 import argparse
 import contextlib
 import copy
 import ctypes
+import io
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
+from pathlib import Path
 
 import numpy as np
+import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import decoded_cache
@@ -108,14 +52,19 @@ import runs
 import train
 
 SPT_STRATEGIES = ('random', 'mean', 'max', 'kmeans')
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
+GPU_RATE = 2500  # images/s a current datacenter GPU consumes for VPT-deep ViT-B/16 in bf16 (an estimate)
+LOADER_SETS = (  # (label, data name, (width, height)): FGVC photos, and VTAB-1k's typical image sizes
+    ('fgvc train 500x375', 'cub', (500, 375)), ('vtab 32x32 (cifar, svhn)', 'vtab-cifar', (32, 32)),
+    ('vtab 256x256 (resisc45)', 'vtab-resisc45', (256, 256)), ('vtab 480x320 (clevr)', 'vtab-clevr_count', (480, 320)))
+try:
+    LIBC = ctypes.CDLL('libc.so.6')   # glibc's malloc_trim and mallopt, for the CPU memory pass
+except OSError:
+    LIBC = None
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[1], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[1],   # --help shows every option's default
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--arch', default='vit_base_patch16_224', choices=list(models.ARCHS), help='the backbone')
     p.add_argument('--img-size', type=int, default=224, help='input size')
     p.add_argument('--batch-size', type=int, default=8, help='images per timed call')
@@ -127,23 +76,19 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=1, help='rounds run first and dropped')
     p.add_argument('--init-iters', type=int, default=1, help='timed rounds of the SPT inits (the last ones)')
     p.add_argument('--spt-images', type=int, default=64, help='images the SPT init and epoch run over')
-    p.add_argument('--prompts', default='10,50,100,200', help='P values for ' + '/'.join(methods.PROMPTED)
-                   + ' (comma-separated)')
-    p.add_argument('--methods', default=','.join(methods.METHODS), help='comma-separated subset of '
-                   + ','.join(methods.METHODS))
+    p.add_argument('--prompts', default='10,50,100,200', help=f"P values for {'/'.join(methods.PROMPTED)}")
+    p.add_argument('--methods', default=','.join(methods.METHODS), help='a comma-separated subset')
     p.add_argument('--loader-images', type=int, default=64, help='images per loader-rate set (0: no loader rows)')
     p.add_argument('--loader-only', action='store_true', help='only the input-pipeline table (seconds, no models)')
     p.add_argument('--threads', type=int, default=None, help="torch threads for this run (None: torch's own)")
     p.add_argument('--seed', type=int, default=0, help='seeds the random backbone and inputs')
     p.add_argument('--json', action='store_true', help='print a JSON list of dicts to stdout instead of the table')
-    p.add_argument('--linear-grid', action='store_true', help="instead: the linear-probe grid in one pass vs one run "
-                   "per cell (8 cells on digits, vit_micro_patch8, --iters rounds); see linear_grid()")
+    p.add_argument('--linear-grid', action='store_true', help='instead: a linear-probe grid in one run vs one per cell')
     p.add_argument('--grid-epochs', type=int, default=3, help='epochs of each --linear-grid run')
     args = p.parse_args(argv)
     args.prompts = sorted({int(v) for v in args.prompts.split(',') if v.strip()})
     args.methods = [m.strip() for m in args.methods.split(',') if m.strip()]
-    bad = [m for m in args.methods if m not in methods.METHODS]
-    if bad:
+    if bad := [m for m in args.methods if m not in methods.METHODS]:
         p.error(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(methods.METHODS)}")
     if args.iters < 1 or args.warmup < 0 or not 1 <= args.init_iters <= args.iters:
         p.error('need --iters >= 1, --warmup >= 0 and 1 <= --init-iters <= --iters')
@@ -152,48 +97,28 @@ def parse_args(argv=None):
     return args
 
 
-# -----------------------------------------------------------------------------
-# FLOPs and memory
-
-
-def _cpu_sdpa_flop(q, k, v, *args, out_shape=None, **kwargs):
-    """(B, H, Sq, d) x (B, H, Sk, d): QK^T and AV, 2 FLOPs per multiply-add (the CUDA formula)."""
-    b, h, sq, d = q
-    return 2 * b * h * sq * k[-2] * d + 2 * b * h * sq * k[-2] * v[-1]
+# --- time, FLOPs and memory of one call
+def seconds(fn, device=torch.device('cpu')):
+    """Wall time of fn(), the work it queued on a CUDA device included."""
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda device: None)
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def count_gflops(fn):
-    """GFLOPs of one call of fn counted by FlopCounterMode (with autograd on: its module tracker
-    fails under no_grad on a parameter that requires grad; no backward is run)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
-    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+    """GFLOPs of one call of fn, CPU attention counted as on CUDA (autograd on: FlopCounterMode needs it)."""
+    sdpa = lambda q, k, v, *a, **kw: 2 * q[0] * q[1] * q[2] * k[-2] * (q[-1] + v[-1])  # noqa: E731, QK^T and AV
+    with FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}) as counter:
         fn()
     return counter.get_total_flops() / 1e9
 
 
-def _rss_bytes():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-
-def _set_malloc(measuring):
-    """glibc's mmap threshold adapts upwards (to at most 32 MiB) and then keeps freed tensors in the
-    heap, where they stay in the RSS. For the memory pass fix it at 64 KiB, so memory freed by torch
-    leaves the RSS; afterwards fix it at the adapted state (32 MiB, trim threshold 64 MiB), as an
-    in-process caller would otherwise keep paying a page fault per large allocation. Returns success."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-        libc.malloc_trim(0)
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        mmap, trim = (1 << 16, 1 << 17) if measuring else (32 << 20, 64 << 20)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim))
-    except (OSError, AttributeError):
-        return False
-
-
 def peak_memory_mb(fn, device):
-    """Peak memory of one call of fn above the level before it, in MB (see the module docstring)."""
+    """Peak memory of one call of fn above the level before it, in MB (None where VmHWM cannot be reset)."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -201,32 +126,19 @@ def peak_memory_mb(fn, device):
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if not os.path.exists('/proc/self/statm'):
-        return None
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    base = _rss_bytes()
-    peak, stop = [base], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
+    status = lambda key: int(re.search(key + r':\s*(\d+)', Path('/proc/self/status').read_text())[1]) / 1024  # noqa
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
     try:
-        fn()
-    finally:
-        stop.set()
-        t.join()
-    return (max(peak[0], _rss_bytes()) - base) / 2**20
+        Path('/proc/self/clear_refs').write_text('5')   # VmHWM, the peak RSS, := VmRSS (Linux >= 4.0)
+    except OSError:
+        return None
+    base = status('VmRSS')
+    fn()
+    return status('VmHWM') - base
 
 
-# -----------------------------------------------------------------------------
-# the timed calls
-
-
+# --- the timed calls: step(x, y) with x (B, 3, H, W), y (B,)
 def frozen_fwd_bwd(embed, blocks, norm, head, autocast):
     """Forward + backward through frozen blocks with the gradient flowing to the input tokens only."""
     def step(x, y):
@@ -241,371 +153,91 @@ def frozen_fwd_bwd(embed, blocks, norm, head, autocast):
     return step
 
 
-def frozen_fwd(forward_features, autocast):
-    def step(x, y):
-        with torch.no_grad(), autocast():
-            forward_features(x)
-    return step
-
-
-def make_optimizer(method, model):
-    """The optimizer of the method's recipe, built as train.py builds it (the same parameter groups)."""
-    return train.make_optimizer(model, dict(methods.METHODS[method].recipe, momentum=train.MOMENTUM))
-
-
-def method_train(model, opt, autocast, scaler):
+def train_step(model, opt, autocast, scaler):
     def step(x, y):
         model.train()
         opt.zero_grad(set_to_none=True)
         with autocast():
             loss = model.loss(x, y)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        scaler.scale(loss).backward()   # a disabled scaler (all but fp16) passes loss and step through
+        scaler.step(opt)
+        scaler.update()
     return step
 
 
-def method_fwd(model, autocast):
-    def step(x, y):
-        model.eval()
-        with torch.no_grad(), autocast():
-            model(x)
-    return step
-
-
-class CountingImages(torch.utils.data.Dataset):
-    """Fixed random images with label 0 that count how many times they are read (SPT's
-    random/mean/max init reads only the images its drawn (image, token) pairs fall in)."""
-
-    def __init__(self, images):
-        self.images, self.reads = images, 0
-
-    def __len__(self):
-        return len(self.images)
+class CountingImages(torch.utils.data.TensorDataset):
+    """Fixed random images with label 0 that count their reads (SPT's random/mean/max init reads only some)."""
+    reads = 0
 
     def __getitem__(self, i):
         self.reads += 1
-        return self.images[i], 0
+        return self.tensors[0][i], 0
 
 
-def spt_init(model, loader, strategy, autocast, r):
-    def step(x, y):
-        loader.dataset.reads = 0
-        with autocast():
-            model.init_prompts(loader, strategy=strategy, generator=torch.Generator().manual_seed(0))
-        r['images_run'] = loader.dataset.reads
-    return step
+# --- the rows
+def row(arm, role, method=None, options=None, model=None, default=False, **extra):
+    """A row of the table and the JSON; model (the one timed) gives the tuned parameters and the prompts."""
+    tuned = 0 if model is None else sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(dict(
+        arm=arm, role=role, method=method, options=options or {}, prompts=getattr(model, 'num_prompts', None),
+        default=default, tuned_params=tuned, gflops=None, fwd_ms=None, train_ms=None, fwd_times_ms=[],
+        train_times_ms=[], ratio=None, fwd_ratio=None, target=None, target_value=None, target_bound=None,
+        target_pass=None, target_spread=None, target_verdict=None, mem_fwd_mb=None, mem_train_mb=None, note=''),
+        **extra)
 
 
-def tuned_params(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def timm_twin(bb):
-    """timm's VisionTransformer with the same config, no head, loaded with bb's weights."""
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-    m = TimmViT(img_size=bb.img_size, patch_size=bb.patch_size, embed_dim=bb.embed_dim, depth=len(bb.blocks),
-                num_heads=bb.num_heads, mlp_ratio=bb.blocks[0].mlp.fc1.out_features / bb.embed_dim, num_classes=0)
-    m.load_state_dict(bb.state_dict(), strict=True)
-    return m
-
-
-# -----------------------------------------------------------------------------
-# the rows
-
-
-def row(arm, role, method=None, options=None, prompts=None, default=False):
-    return dict(arm=arm, role=role, method=method, options=options or {}, prompts=prompts, default=default,
-                tuned_params=0, gflops=None, fwd_ms=None, train_ms=None, fwd_times_ms=[], train_times_ms=[],
-                ratio=None, fwd_ratio=None, target=None, target_value=None, target_bound=None, target_pass=None,
-                target_spread=None, target_verdict=None,
-                mem_fwd_mb=None, mem_train_mb=None, note='')
-
-
-def build_rows(args, base, device, autocast, scaler):
-    """All rows and their timed phases [(row, key, fn, init_only)], plus a FLOP-count call per row."""
-    rows, phases, flop_fns = [], [], {}
-    C, D = args.num_classes, base.embed_dim
-    x1 = torch.randn(1, 3, args.img_size, args.img_size, device=device)
-
-    def add(r, fwd=None, train=None, flops=None, init=None):
-        rows.append(r)
-        if fwd is not None:
-            phases.append((r, 'fwd', fwd, False))
-        if train is not None:
-            phases.append((r, 'train', train, False))
-        if init is not None:
-            phases.append((r, 'train', init, True))
-        flop_fns[id(r)] = flops
-
-    # the frozen backbone, ours and timm's, on the same weights
-    head = nn.Linear(D, C).to(device).requires_grad_(False)
-    bb = copy.deepcopy(base).to(device).eval().requires_grad_(False)
-    add(row('backbone (ours)', 'backbone'), frozen_fwd(bb.forward_features, autocast),
-        frozen_fwd_bwd(bb.embed, bb.blocks, bb.norm, head, autocast), lambda: bb.forward_features(x1))
-    tm = timm_twin(base).to(device).eval().requires_grad_(False)
-    timm_embed = lambda x: tm.norm_pre(tm.patch_drop(tm._pos_embed(tm.patch_embed(x))))  # noqa: E731
-    add(row('timm ViT', 'timm'), frozen_fwd(tm.forward_features, autocast),
-        frozen_fwd_bwd(timm_embed, tm.blocks, tm.norm, head, autocast), lambda: tm.forward_features(x1))
-
-    def add_method(name, role, method, options, prompts=None, default=False, grad_checkpointing=False):
-        model = methods.build_model(method, copy.deepcopy(base), C, **options).to(device)
-        model.set_grad_checkpointing(grad_checkpointing)
-        if prompts is None and hasattr(model, 'num_prompts'):
-            prompts = model.num_prompts
-        r = row(name, role, method, options, prompts, default)
-        r['tuned_params'] = tuned_params(model)
-        model.eval()
-        add(r, method_fwd(model, autocast), method_train(model, make_optimizer(method, model), autocast, scaler),
-            lambda: model.eval()(x1))
-        return r, model
-
-    defaults = {}
-    for m in args.methods:
-        label = {'vpt': 'vpt-deep', 'spt': 'spt-deep'}.get(m, m)
-        r, model = add_method(m, 'method', m, {}, default=True)
-        defaults[m] = r
-        if m in methods.PROMPTED:
-            r['arm'] = f"{label} P={model.num_prompts} (default)"
-            ps = set(args.prompts)
-            if m == 'vpt' and 'lspt' in args.methods:
-                ps.add(methods.init_options(methods.LSPT)['prompts'])  # LSPT's reference
-            for P in sorted(ps - {model.num_prompts}):
-                add_method(f"{label} P={P}", 'prompts', m, {'prompts': P}, prompts=P)
-        if m == 'lspt':
-            add_method(f"lspt P={model.num_prompts} dropout 0", 'lspt-nodrop', 'lspt', {'prompt_dropout': 0.0})
-        if m == 'sa2vp':
-            r['arm'] = f"sa2vp t={model.ppt.shape[-1]}"
-            # the official dropout 0.1 in the frozen backbone is RNG-bound on the CPU: show its share
-            add_method(f"sa2vp t={model.ppt.shape[-1]} no dropout", 'sa2vp-nodrop', 'sa2vp', {'sa2vp_dropout': False})
-    add_checkpointing_rows(args, add_method, defaults)
-
-    if 'spt' in args.methods:
-        g = torch.Generator().manual_seed(args.seed)
-        imgs = CountingImages(torch.randn(args.spt_images, 3, args.img_size, args.img_size, generator=g))
-        loader = torch.utils.data.DataLoader(imgs, batch_size=args.batch_size, shuffle=False)  # as train.py's
-        spt = methods.build_model('spt', copy.deepcopy(base), C).to(device)
-        for s in SPT_STRATEGIES:
-            r = row(f"spt init {s}", 'spt-init', 'spt', {'spt_init': s}, spt.num_prompts)
-            r['tuned_params'], r['images'] = tuned_params(spt), args.spt_images
-            add(r, flops=lambda: spt.layer_tokens(x1), init=spt_init(spt, loader, s, autocast, r))
-        steps = math.ceil(args.spt_images / args.batch_size)
-        r = row('spt epoch (estimated)', 'spt-epoch', 'spt', {}, spt.num_prompts)
-        r['tuned_params'] = tuned_params(spt)
-        r['note'] = f"{steps} steps x median spt train step"
-        r['steps'] = steps
-        add(r, flops=flop_fns[id(defaults['spt'])])
-    return rows, phases, flop_fns
-
-
-def add_checkpointing_rows(args, add_method, defaults):
-    """Every method's default again with --grad-checkpointing (the blocks recomputed in backward): its peak
-    training memory and time next to the default row's (linear runs its blocks under no_grad: nothing to save)."""
-    for m in args.methods:
-        if m != 'linear':
-            r, _ = add_method(f"{defaults[m]['arm'].replace(' (default)', '')} grad checkpointing", 'grad-ckpt', m, {},
-                              grad_checkpointing=True)
-            r['of'] = defaults[m]
-
-
-def checkpointing_notes(rows):
-    """'memory a x, time b x of <default row>' on each grad-checkpointing row (after timing and the memory pass)."""
-    for r in rows:
-        if r['role'] == 'grad-ckpt':
-            d = r.pop('of')
-            mem = r['mem_train_mb'] / d['mem_train_mb'] if r['mem_train_mb'] and d['mem_train_mb'] else None
-            r['mem_train_ratio'] = mem
-            r['time_ratio'] = statistics.median(a / b for a, b in zip(r['train_times_ms'], d['train_times_ms']))
-            r['note'] = f"train memory {fmt(mem, '.2f')}x, time {r['time_ratio']:.2f}x of the default"
-
-
-# -----------------------------------------------------------------------------
-# the input pipeline: images/s of one loader worker (data.py's real transforms) and of the decoded cache
-
-LOADER_SETS = (  # (label, data name, (width, height)): FGVC photos, and VTAB-1k's typical image sizes
-    ('fgvc train 500x375', 'cub', (500, 375)),
-    ('vtab 32x32 (cifar, svhn)', 'vtab-cifar', (32, 32)),
-    ('vtab 256x256 (resisc45)', 'vtab-resisc45', (256, 256)),
-    ('vtab 480x320 (clevr)', 'vtab-clevr_count', (480, 320)),
-)
-GPU_RATE = 2500  # images/s a current datacenter GPU consumes for VPT-deep ViT-B/16 in bf16 (an estimate)
-
-
-def synthetic_photo(w, h, rng):
-    """A photo-like image: a smooth random field (bicubic from 1/24 scale) plus sensor-like noise (std 6).
-    As a quality-95 JPEG a 500x375 one is ~85 KB, about what a real FGVC photo takes to decode."""
-    low = rng.randint(0, 256, (max(h // 24, 2), max(w // 24, 2), 3)).astype(np.uint8)
-    img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
-    img = img + rng.normal(0, 6, img.shape)
-    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
-
-
-def loader_rows(args, device, log):
-    """Per set: decode + build_transform per image in this process with one torch thread (as in a DataLoader
-    worker), the best of two passes over --loader-images images written to a temporary folder (so read from
-    the page cache); then the decoded cache's batches (crop slices + flip/normalise on --device)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rows = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for label, name, (w, h) in LOADER_SETS:
-                rng = np.random.RandomState(args.seed)
-                samples = []
-                for i in range(args.loader_images):
-                    path = os.path.join(tmp, f"{name}-{i}.jpg")
-                    synthetic_photo(w, h, rng).save(path, quality=95)
-                    samples.append((path, 0))
-                ds = data.ImageListDataset(name, 'train', tmp, samples, 1,
-                                           data.build_transform(name, train=True, img_size=args.img_size))
-                per_worker = max(len(ds) / _seconds(lambda: [ds[i] for i in range(len(ds))]) for _ in range(2))
-                r = dict(arm=label, role='loader', data=name, width=w, height=h, images=len(ds),
-                         kb_per_file=sum(os.path.getsize(p) for p, _ in samples) / len(samples) / 1024,
-                         images_per_s_per_worker=per_worker, images_per_s_16_workers=16 * per_worker,
-                         workers_for_gpu_rate=math.ceil(GPU_RATE / per_worker))
-                rows.append(r)
-                log(f"loader {label}: {per_worker:.0f} images/s per worker")
-                if name == 'cub':
-                    rows += cache_rows(ds, label, args, device, log)
-    finally:
-        torch.set_num_threads(threads)
-    return rows
-
-
-def cache_rows(ds, label, args, device, log):
-    """The decoded cache of `ds` in the main process, best of 3 passes: the host side alone (crop slices,
-    collate; what a GPU run pays on the CPU) and with the flip + /255 + normalisation on --device added."""
-    cache = decoded_cache.DecodedCache(ds, train=True, img_size=args.img_size)
-    loader = data.build_loader(cache, args.batch_size, train=True, workers=0)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
-
-    epochs = math.ceil(1024 / len(cache))   # passes of >= 1024 images: a few ms each otherwise
-
-    def run(finish):
-        for _ in range(epochs):
-            for x, _ in loader:
-                if finish:
-                    cache.finish(x[0].to(device), x[1].to(device))
-        sync()
-    rows = []
-    for finish, what in ((False, 'host side'), (True, f"host + flip/normalise on {device.type}")):
-        rate = max(epochs * len(cache) / _seconds(lambda: run(finish)) for _ in range(3))
-        rows.append(dict(arm=f"{label}, decoded cache, {what}", role='loader-cache', data=ds.name,
-                         images=len(cache), kb_per_file=cache.nbytes / len(cache) / 1024,
-                         images_per_s_per_worker=rate, images_per_s_16_workers=None,
-                         workers_for_gpu_rate=math.ceil(GPU_RATE / rate)))
-        log(f"loader {label}, decoded cache, {what}: {rate:.0f} images/s in the main process")
-    return rows
-
-
-def _seconds(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def loader_markdown(rows):
-    lines = ['', f"Input pipeline at {GPU_RATE:,} images/s (one current GPU, VPT-deep ViT-B/16, bf16): "
-             "one worker = decode + data.py's train transform in one process with one thread; "
-             "the decoded cache rows run in the main process (no workers), and their KB are the cached uint8 "
-             "bytes per image.", '',
-             '| images | KB per image | images/s per worker | x 16 workers | workers for 2,500 images/s |',
-             '|---|--:|--:|--:|--:|']
-    for r in rows:
-        lines.append(f"| {r['arm']} | {r['kb_per_file']:.0f} | {r['images_per_s_per_worker']:,.0f} | "
-                     f"{fmt(r['images_per_s_16_workers'], ',.0f')} | {r['workers_for_gpu_rate']} |")
-    return '\n'.join(lines)
-
-
-# -----------------------------------------------------------------------------
-# measuring and summarising
-
-
-def time_rounds(phases, args, x, y, device, log):
-    """Round-robin over the phases; returns nothing, fills row[key + '_times_ms']."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
-    n = args.warmup + args.iters
-    for it in range(n):
-        t_round = time.perf_counter()
-        shift = it % len(phases)
-        for r, key, fn, init_only in phases[shift:] + phases[:shift]:
-            if init_only and it < n - args.init_iters:
-                continue
-            sync()
-            t0 = time.perf_counter()
-            fn(x, y)
-            sync()
-            if it >= args.warmup:
-                r[key + '_times_ms'].append((time.perf_counter() - t0) * 1e3)
-        log(f"round {it + 1}/{n}{' (warm-up)' if it < args.warmup else ''}: {time.perf_counter() - t_round:.1f} s")
-
-
+# --- ratios, targets and the table
 def verdict(lo, hi, bound):
-    """A ratio whose rounds spread over [lo, hi] against an upper bound: 'pass' when every round is within it,
-    'MISS' when every round is above it, 'unresolved' when the spread covers it (then noise decides, not the
-    code; target_pass is None)."""
+    """Per-round ratios spread over [lo, hi] against an upper bound (target_pass is None when 'unresolved')."""
     return 'pass' if hi <= bound else 'MISS' if lo > bound else 'unresolved'
 
 
-def summarise(rows, args, base):
-    """Medians, ratios and the targets of the module docstring."""
-    med = lambda v: statistics.median(v) if v else None  # noqa: E731
-    for r in rows:
-        r['fwd_ms'], r['train_ms'] = med(r['fwd_times_ms']), med(r['train_times_ms'])
-    by_role = lambda role: [r for r in rows if r['role'] == role]  # noqa: E731
-    bb, tm = by_role('backbone')[0], by_role('timm')[0]
-    spt = next((r for r in rows if r['method'] == 'spt' and r['default'] and r['role'] == 'method'), None)
-    for r in by_role('spt-epoch'):
-        r['train_ms'] = r['steps'] * spt['train_ms']
-    vpt_at = {r['prompts']: r for r in rows if r['method'] == 'vpt' and r['role'] in ('method', 'prompts')}
-    N1 = base.num_patches + 1
+def spread(a, b, key='train'):
+    """a / b: (median, lowest, highest) of the per-round ratios when both ran in the same rounds, else of medians."""
+    ta, tb = a[key + '_times_ms'], b[key + '_times_ms']
+    rs = [u / v for u, v in zip(ta, tb)] if ta and len(ta) == len(tb) else [a[key + '_ms'] / b[key + '_ms']]
+    return statistics.median(rs), min(rs), max(rs)
 
-    def spread(a, b, ka='train', kb='train'):
-        """a / b as (median, lowest, highest) of the per-round ratios when both ran in the same rounds (paired,
-        so a round slowed down by something else on the machine cancels), else the ratio of the medians."""
-        ta, tb = a[ka + '_times_ms'], b[kb + '_times_ms']
-        if ta and len(ta) == len(tb):
-            rs = [u / v for u, v in zip(ta, tb)]
-            return statistics.median(rs), min(rs), max(rs)
-        v = a[ka + '_ms'] / b[kb + '_ms']
-        return v, v, v
 
-    def ratio(a, b, ka='train', kb='train'):
-        return spread(a, b, ka, kb)[0]
-
-    def target(r, ratios, bound, text):
+def summarise(rows, base):
+    """Medians, ratios to the backbone (rows[0]), the targets of the module docstring, and the notes."""
+    def judge(r, ratios, bound, text):
         value, lo, hi = ratios
         v = verdict(lo, hi, bound)
-        r['target_value'], r['target_bound'], r['target_spread'] = value, bound, [lo, hi]
-        r['target_verdict'], r['target_pass'] = v, {'pass': True, 'MISS': False}.get(v)
-        r['target'] = f"{text} {value:.2f} (rounds {lo:.2f}-{hi:.2f}) <= {bound:.2f} {v}"
+        r.update(target_value=value, target_bound=bound, target_spread=[lo, hi], target_verdict=v,
+                 target_pass={'pass': True, 'MISS': False}.get(v),
+                 target=f"{text} {value:.2f} (rounds {lo:.2f}-{hi:.2f}) <= {bound:.2f} {v}")
 
-    epoch = next((r['train_ms'] for r in by_role('spt-epoch')), None)
-    for r in by_role('spt-init'):
-        r['note'] = f"{r['images']} images, {r['images_run']} run"
     for r in rows:
-        r['ratio'] = ratio(r, bb)
+        r['fwd_ms'], r['train_ms'] = [statistics.median(t) if t else None
+                                      for t in (r['fwd_times_ms'], r['train_times_ms'])]
+        if r['role'] == 'spt-epoch':   # the last row
+            r['train_ms'] = epoch = r['steps'] * r.pop('of')['train_ms']
+    bb, tm, N1 = rows[0], rows[1], base.num_patches + 1
+    vpt_at = {r['prompts']: r for r in rows if r['method'] == 'vpt' and r['role'] in ('method', 'prompts')}
+    for r in rows:
+        m, P, role = r['method'], r['prompts'], r['role']
+        r['ratio'] = spread(r, bb)[0]
         if r['fwd_ms'] is not None:
-            r['fwd_ratio'] = ratio(r, bb, 'fwd', 'fwd')
-        if r['role'] == 'grad-ckpt':   # judged against its own default row (checkpointing_notes), not a target
-            continue
-        if r['role'] == 'backbone':
-            target(r, spread(bb, tm), 1.05, 'ours/timm fwd+bwd')
-        elif r['method'] in ('vpt', 'spt') and r['role'] in ('method', 'prompts'):
-            P = r['prompts']
-            target(r, spread(r, bb), 1.1 * (N1 + P) / N1, f'/backbone, 1.1x({N1}+{P})/{N1}:')
-        elif r['method'] == 'lspt' and r['prompts'] in vpt_at:
-            target(r, spread(r, vpt_at[r['prompts']]), 1.3, f"/vpt-deep P={r['prompts']}")
-        elif r['method'] == 'sa2vp':
-            target(r, spread(r, bb), 2.4, '/backbone')
-        elif r['role'] == 'spt-init':  # one timed round: a single value
+            r['fwd_ratio'] = spread(r, bb, 'fwd')[0]
+        if role == 'grad-ckpt':   # against its default row, no target
+            d = r.pop('of')
+            mem = r['mem_train_ratio'] = (r['mem_train_mb'] / d['mem_train_mb']
+                                          if r['mem_train_mb'] and d['mem_train_mb'] else None)
+            r['time_ratio'] = spread(r, d)[0]
+            r['note'] = f"train memory {fmt(mem, '.2f')}x, time {r['time_ratio']:.2f}x of the default"
+        elif role == 'backbone':
+            judge(r, spread(bb, tm), 1.05, 'ours/timm fwd+bwd')
+        elif m in ('vpt', 'spt') and role in ('method', 'prompts'):
+            judge(r, spread(r, bb), 1.1 * (N1 + P) / N1, f'/backbone, 1.1x({N1}+{P})/{N1}:')
+        elif m == 'lspt' and P in vpt_at:
+            judge(r, spread(r, vpt_at[P]), 1.3, f"/vpt-deep P={P}")
+        elif m == 'sa2vp':
+            judge(r, spread(r, bb), 2.4, '/backbone')
+        elif role == 'spt-init':   # against an estimated epoch: one value
+            r['note'] = f"{r['images']} images, {r['images_run']} run"
             v = r['train_ms'] / epoch
-            target(r, (v, v, v), 1.0 if r['options']['spt_init'] == 'kmeans' else 0.25, 'init/epoch')
-    return rows
+            judge(r, (v, v, v), 1.0 if r['options']['spt_init'] == 'kmeans' else 0.25, 'init/epoch')
 
 
 def fmt(v, spec):
@@ -627,134 +259,240 @@ def markdown(rows, meta):
              f"- GFLOPs/img: one eval forward at batch 1 (spt init rows: the token extraction, k-means not counted). "
              f"Peak MB: {meta['memory']}", '',
              '| arm | tuned params | GFLOPs/img | fwd ms | train ms | ÷ backbone fwd+bwd | target '
-             '| peak MB fwd / train |',
-             '|---|--:|--:|--:|--:|--:|---|--:|']
+             '| peak MB fwd / train |', '|---|--:|--:|--:|--:|--:|---|--:|']
     for r in rows:
-        mem = f"{fmt(r['mem_fwd_mb'], '.0f')} / {fmt(r['mem_train_mb'], '.0f')}"
         arm = r['arm'] + (f" ({r['note']})" if r['note'] else '')
         lines.append(f"| {arm} | {r['tuned_params']:,} | {fmt(r['gflops'], '.3g')} | {fmt(r['fwd_ms'], '.1f')} | "
-                     f"{fmt(r['train_ms'], '.1f')} | {fmt(r['ratio'], '.2f')} | {r['target'] or '-'} | {mem} |")
-    judged = [r for r in rows if r['target_verdict'] is not None]
-    by = {v: [r['arm'] for r in judged if r['target_verdict'] == v] for v in ('pass', 'MISS', 'unresolved')}
-    lines += ['', f"speed targets: {len(by['pass'])} pass, {len(by['MISS'])} miss"
-              + (f" ({'; '.join(by['MISS'])})" if by['MISS'] else '')
-              + f", {len(by['unresolved'])} unresolved (the per-round ratios straddle the bound: rerun with more "
-              f"--iters on a quieter machine)" + (f" ({'; '.join(by['unresolved'])})" if by['unresolved'] else '')]
+                     f"{fmt(r['train_ms'], '.1f')} | {fmt(r['ratio'], '.2f')} | {r['target'] or '-'} | "
+                     f"{fmt(r['mem_fwd_mb'], '.0f')} / {fmt(r['mem_train_mb'], '.0f')} |")
+    by = {v: [r['arm'] for r in rows if r['target_verdict'] == v] for v in ('pass', 'MISS', 'unresolved')}
+    arms = lambda v: f" ({'; '.join(by[v])})" if by[v] else ''  # noqa: E731
+    lines += ['', f"speed targets: {len(by['pass'])} pass, {len(by['MISS'])} miss{arms('MISS')}, "
+              f"{len(by['unresolved'])} unresolved (the per-round ratios straddle the bound: rerun with more --iters "
+              f"on a quieter machine){arms('unresolved')}"]
     return '\n'.join(lines)
 
 
-def linear_grid(args):
-    """The linear-probe grid trained in one pass (train.py with comma lists of --lr / --wd: one backbone forward per
-    image, features cached, since digits has no augmentation) vs one train.py run per cell, 8 cells (lr 4 x wd 2),
-    digits, a random vit_micro_patch8 at 16 px, --grid-epochs epochs, in-process train.main calls. Each round runs
-    both arms (the order alternates); the ratio is the median of the per-round ratios. Also the backbone forwards
-    each arm needs, counted: per cell epochs x (800 train + 200 val) for separate runs, 800 + 200 once for the grid."""
-    import io
-    import tempfile
+# --- the input pipeline: images/s of one loader worker (data.py's real transforms) and of the decoded cache
+def loader_rows(args, device, log):
+    """Per set, with one thread as in a worker: decode + train transform, best of 2 passes. For FGVC also the decoded
+    cache in the main process, best of 3 passes of >= 1024 images: host side alone, then with flip + normalisation."""
+    def rate_row(arm, role, kb, rate, **extra):
+        log(f"loader {arm}: {rate:.0f} images/s")
+        return dict(arm=arm, role=role, data=name, **extra, images=len(ds), kb_per_file=kb,
+                    images_per_s_per_worker=rate, images_per_s_16_workers=16 * rate if role == 'loader' else None,
+                    workers_for_gpu_rate=math.ceil(GPU_RATE / rate))
+    rows = []
+    torch.set_num_threads(1)   # main() restores the caller's
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, name, (w, h) in LOADER_SETS:
+            rng, paths = np.random.RandomState(args.seed), [f"{tmp}/{name}-{i}.jpg" for i in range(args.loader_images)]
+            for path in paths:   # a smooth random field plus sensor-like noise: ~85 KB at 500x375, like a real photo
+                low = rng.randint(0, 256, (max(h // 24, 2), max(w // 24, 2), 3)).astype(np.uint8)
+                img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
+                img = Image.fromarray((img + rng.normal(0, 6, img.shape)).clip(0, 255).astype(np.uint8))
+                img.save(path, quality=95)
+            ds = data.ImageListDataset(name, 'train', tmp, [(p, 0) for p in paths], 1,
+                                       data.build_transform(name, train=True, img_size=args.img_size))
+            rate = max(len(ds) / seconds(lambda: [ds[i] for i in range(len(ds))]) for _ in range(2))
+            kb = sum(os.path.getsize(p) for p in paths) / len(ds) / 1024
+            rows.append(rate_row(label, 'loader', kb, rate, width=w, height=h))
+            if name == 'cub':
+                cache = decoded_cache.DecodedCache(ds, train=True, img_size=args.img_size)
+                loader = data.build_loader(cache, args.batch_size, train=True, workers=0)
+                epochs = math.ceil(1024 / len(ds))
+                for finish, what in ((False, 'host side'), (True, f"host + flip/normalise on {device.type}")):
+                    def passes():
+                        for _ in range(epochs):
+                            for x, _ in loader:
+                                if finish:
+                                    cache.finish(x[0].to(device), x[1].to(device))
+                    rate = max(epochs * len(ds) / seconds(passes, device) for _ in range(3))
+                    kb = cache.nbytes / len(ds) / 1024   # the cached uint8 bytes
+                    rows.append(rate_row(f"{label}, decoded cache, {what}", 'loader-cache', kb, rate))
+    return rows
 
-    import train
-    lrs, wds = [0.5, 0.2, 0.1, 0.05], [0.0, 0.001]
+
+def loader_markdown(rows):
+    lines = [f"Input pipeline at {GPU_RATE:,} images/s (one current GPU, VPT-deep ViT-B/16, bf16): one worker = "
+             "decode + data.py's train transform in one process with one thread; the decoded cache rows run in the "
+             "main process (no workers), and their KB are the cached uint8 bytes per image.", '',
+             '| images | KB per image | images/s per worker | x 16 workers | workers for 2,500 images/s |',
+             '|---|--:|--:|--:|--:|']
+    lines += [f"| {r['arm']} | {r['kb_per_file']:.0f} | {r['images_per_s_per_worker']:,.0f} | "
+              f"{fmt(r['images_per_s_16_workers'], ',.0f')} | {r['workers_for_gpu_rate']} |" for r in rows]
+    return '\n'.join(lines)
+
+
+# --- the linear-probe grid
+def linear_grid(args):
+    """The linear-probe grid in one train.py run (features cached) vs one run per cell, 8 cells on digits, in-process,
+    order alternating; backbone forwards: epochs x (800 train + 200 val) per cell vs 800 + 200 for the grid."""
+    lrs, wds = ['0.5', '0.2', '0.1', '0.05'], ['0.0', '0.001']
     common = ['--method', 'linear', '--arch', 'vit_micro_patch8', '--pretrain', 'none', '--data', 'digits',
               '--img-size', '16', '--epochs', str(args.grid_epochs), '--batch-size', '32', '--warmup-epochs', '0',
               '--workers', '0', '--log-interval', '0']
+    runs = {'grid': [['--lr', ','.join(lrs), '--wd', ','.join(wds)]],
+            'separate': [['--lr', lr, '--wd', wd] for lr in lrs for wd in wds]}
     times = {'grid': [], 'separate': []}
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        for r in range(args.warmup + args.iters):
-            arms = ['grid', 'separate'] if r % 2 == 0 else ['separate', 'grid']
-            for arm in arms:
-                t0 = time.perf_counter()
-                if arm == 'grid':
-                    train.main(common + ['--lr', ','.join(map(str, lrs)), '--wd', ','.join(map(str, wds)),
-                                         '--out', os.path.join(tmp, f'{r}-grid')])
-                else:
-                    for lr in lrs:
-                        for wd in wds:
-                            train.main(common + ['--lr', str(lr), '--wd', str(wd),
-                                                 '--out', os.path.join(tmp, f'{r}-lr{lr}-wd{wd}')])
-                if r >= args.warmup:
-                    times[arm].append(time.perf_counter() - t0)
-    ratio = statistics.median(s / g for s, g in zip(times['separate'], times['grid']))
-    cells = len(lrs) * len(wds)
+        for i in range(args.warmup + args.iters):
+            for arm in ('grid', 'separate') if i % 2 == 0 else ('separate', 'grid'):
+                t = seconds(lambda: [train.main(common + cell + ['--out', f'{tmp}/{i}-{arm}-{j}'])
+                                     for j, cell in enumerate(runs[arm])])
+                if i >= args.warmup:
+                    times[arm].append(t)
+    cells = len(runs['separate'])
     row = dict(arm=f'linear grid, {cells} cells (digits, vit_micro_patch8, {args.grid_epochs} epochs)',
-               grid_s=statistics.median(times['grid']), separate_s=statistics.median(times['separate']), ratio=ratio,
+               grid_s=statistics.median(times['grid']), separate_s=statistics.median(times['separate']),
+               ratio=statistics.median(s / g for s, g in zip(times['separate'], times['grid'])),
                forwards_separate=cells * args.grid_epochs * (800 + 200), forwards_grid=800 + 200)
-    if args.json:
-        print(json.dumps([row], indent=1))
-    else:
-        print('| arm | one pass s | one run per cell s | separate / one pass '
-              '| backbone forwards, separate / one pass |\n|---|--:|--:|--:|--:|\n'
-              f"| {row['arm']} | {row['grid_s']:.2f} | {row['separate_s']:.2f} | {ratio:.2f} | "
-              f"{row['forwards_separate']:,} / {row['forwards_grid']:,} |")
+    print(json.dumps([row], indent=1) if args.json else
+          '| arm | one pass s | one run per cell s | separate / one pass | backbone forwards, separate / one pass |\n'
+          f"|---|--:|--:|--:|--:|\n| {row['arm']} | {row['grid_s']:.2f} | {row['separate_s']:.2f} | "
+          f"{row['ratio']:.2f} | {row['forwards_separate']:,} / {row['forwards_grid']:,} |")
     return [row]
 
 
+# --- main
 def main(argv=None):
     args = parse_args(argv)
     if args.linear_grid:
         return linear_grid(args)
     threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        return run(args, argv)
+        torch.set_num_threads(args.threads or threads)
+        return run(args, ' '.join(['python', 'bench.py', *(sys.argv[1:] if argv is None else argv)]))
     finally:
-        torch.set_num_threads(threads)  # an in-process caller (the tests) keeps its own setting
+        torch.set_num_threads(threads)   # an in-process caller (the tests) keeps its own setting
 
 
-def run(args, argv):
-    t_start = time.perf_counter()
+def run(args, command):
+    t_start, threads = time.perf_counter(), torch.get_num_threads()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     device = runs.resolve_device(args.device)
     if args.loader_only:
         loader = loader_rows(args, device, log)
-        print(json.dumps(loader, indent=1) if args.json else loader_markdown(loader).lstrip())
+        print(json.dumps(loader, indent=1) if args.json else loader_markdown(loader))
         return loader
     torch.manual_seed(args.seed)
-    amp_dtype = train.amp_dtype(args.amp, device)
-    amp = {None: 'none', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp_dtype]
-    autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
-                else contextlib.nullcontext)
-    scaler = torch.amp.GradScaler(device.type) if amp == 'fp16' else None
-
+    dtype = train.amp_dtype(args.amp, device)
+    amp = {None: 'none', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
     base = models.create_backbone(args.arch, 'none', img_size=args.img_size)
-    rows, phases, flop_fns = build_rows(args, base, device, autocast, scaler)
-    log(f"{len(rows)} rows built; counting FLOPs")
-    for r in rows:
-        fn = flop_fns[id(r)]
-        r['gflops'] = count_gflops(fn) if fn is not None else None
-    log(f"{len(phases)} timed phases; {args.warmup} warm-up + {args.iters} rounds")
+    x1 = torch.randn(1, 3, args.img_size, args.img_size, device=device)   # FLOPs are counted at batch 1
+
+    # the rows, their GFLOPs counted, and their timed phases [(row, 'fwd' or 'train', step(x, y))]
+    rows, phases = [], []
+
+    def add(r, forward=None, step=None, flops=None):
+        """forward(x) makes the fwd phase (eval, no_grad) and is what the FLOPs count, unless flops() is given."""
+        def fwd(x, y):
+            with torch.no_grad(), autocast():
+                forward(x)
+        rows.append(r)
+        if forward is not None:
+            phases.append((r, 'fwd', fwd))
+        if step is not None:
+            phases.append((r, 'train', step))
+        if forward or flops:
+            r['gflops'] = count_gflops(flops or (lambda: forward(x1)))
+        return r
+
+    # the frozen backbone, ours and timm's with the same config and weights
+    head = torch.nn.Linear(base.embed_dim, args.num_classes).to(device).requires_grad_(False)
+    tm = timm.models.vision_transformer.VisionTransformer(
+        img_size=base.img_size, patch_size=base.patch_size, embed_dim=base.embed_dim, depth=len(base.blocks),
+        num_heads=base.num_heads, mlp_ratio=base.blocks[0].mlp.fc1.out_features / base.embed_dim, num_classes=0)
+    tm.load_state_dict(base.state_dict(), strict=True)
+    bb, tm = copy.deepcopy(base).to(device).eval().requires_grad_(False), tm.to(device).eval().requires_grad_(False)
+    timm_embed = lambda x: tm.norm_pre(tm.patch_drop(tm._pos_embed(tm.patch_embed(x))))  # noqa: E731
+    for arm, role, m, embed in (('backbone (ours)', 'backbone', bb, bb.embed), ('timm ViT', 'timm', tm, timm_embed)):
+        add(row(arm, role), m.forward_features, frozen_fwd_bwd(embed, m.blocks, m.norm, head, autocast))
+
+    def add_method(arm, role, method, options=None, default=False, grad_checkpointing=False):
+        model = methods.build_model(method, copy.deepcopy(base), args.num_classes, **(options or {})).to(device)
+        model.set_grad_checkpointing(grad_checkpointing)
+        opt = train.make_optimizer(model, dict(methods.METHODS[method].recipe, momentum=train.MOMENTUM))
+        return add(row(arm, role, method, options, model, default), lambda x: model.eval()(x),
+                   train_step(model, opt, autocast, scaler)), model
+
+    defaults = {}   # method -> (its arm without ' (default)', its default row)
+    for m in args.methods:
+        r, model = add_method(m, 'method', m, default=True)
+        name = label = {'vpt': 'vpt-deep', 'spt': 'spt-deep'}.get(m, m)
+        if m in methods.PROMPTED:
+            name = f"{label} P={r['prompts']}"
+            r['arm'] = f"{name} (default)"
+            ps = set(args.prompts) | ({methods.init_options(methods.LSPT)['prompts']}   # LSPT's target: VPT at its P
+                                      if m == 'vpt' and 'lspt' in args.methods else set())
+            for P in sorted(ps - {r['prompts']}):
+                add_method(f"{label} P={P}", 'prompts', m, {'prompts': P})
+        if m == 'lspt':
+            add_method(f"{name} dropout 0", 'lspt-nodrop', m, {'prompt_dropout': 0.0})
+        if m == 'sa2vp':   # the official dropout 0.1 in the frozen backbone is RNG-bound on the CPU: show its share
+            name = r['arm'] = f"sa2vp t={model.ppt.shape[-1]}"
+            add_method(f"{name} no dropout", 'sa2vp-nodrop', m, {'sa2vp_dropout': False})
+        defaults[m] = (name, r)
+    for m, (name, d) in defaults.items():
+        if m != 'linear':   # linear runs its blocks under no_grad: nothing to checkpoint
+            add_method(f"{name} grad checkpointing", 'grad-ckpt', m, grad_checkpointing=True)[0]['of'] = d
+
+    if 'spt' in args.methods:
+        g = torch.Generator().manual_seed(args.seed)
+        imgs = CountingImages(torch.randn(args.spt_images, 3, args.img_size, args.img_size, generator=g))
+        loader = torch.utils.data.DataLoader(imgs, batch_size=args.batch_size, shuffle=False)  # as train.py's
+        spt = methods.build_model('spt', copy.deepcopy(base), args.num_classes).to(device)
+        for s in SPT_STRATEGIES:
+            r = row(f"spt init {s}", 'spt-init', 'spt', {'spt_init': s}, spt, images=args.spt_images)
+
+            def init(x, y, s=s, r=r):   # s and r bound now, as the loop goes on
+                imgs.reads = 0
+                with autocast():
+                    spt.init_prompts(loader, strategy=s, generator=torch.Generator().manual_seed(0))
+                r['images_run'] = imgs.reads
+            add(r, step=init, flops=lambda: spt.layer_tokens(x1))
+        d, steps = defaults['spt'][1], math.ceil(args.spt_images / args.batch_size)
+        add(row('spt epoch (estimated)', 'spt-epoch', 'spt', {}, spt, gflops=d['gflops'], steps=steps, of=d,
+                note=f"{steps} steps x median spt train step"))
+
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(args.num_classes, (args.batch_size,), device=device)
-    time_rounds(phases, args, x, y, device, log)
 
-    # peak memory: one more call of every phase, after timing (the allocator tweak would slow timing down)
-    if device.type == 'cuda':
-        memory = 'CUDA max_memory_allocated above the allocation before the call'
-    elif _set_malloc(measuring=True):
-        memory = ('peak RSS above the RSS before the call (/proc/self/statm every ~1 ms; glibc mmap threshold '
-                  '64 KiB, so freed tensors leave the RSS; existing weights and optimizer state not counted)')
-    else:
-        memory = 'peak RSS above the RSS before the call (/proc/self/statm; freed memory may stay in the heap)'
-    for r, key, fn, _ in phases:
+    # timing: round-robin over the phases from a start that rotates each round; the SPT inits in the last rounds only
+    n = args.warmup + args.iters
+    log(f"{len(rows)} rows built, FLOPs counted; {len(phases)} phases, {args.warmup} warm-up + {args.iters} rounds")
+    for it in range(n):
+        t_round, shift = time.perf_counter(), it % len(phases)
+        for r, key, fn in phases[shift:] + phases[:shift]:
+            if r['role'] == 'spt-init' and it < n - args.init_iters:
+                continue
+            t = seconds(lambda: fn(x, y), device)
+            if it >= args.warmup:
+                r[key + '_times_ms'].append(t * 1e3)
+        log(f"round {it + 1}/{n}{' (warm-up)' if it < args.warmup else ''}: {time.perf_counter() - t_round:.1f} s")
+
+    # peak memory: one more call of every phase; glibc's mmap and trim thresholds low meanwhile (freed tensors leave)
+    set_malloc = lambda mmap, trim: device.type == 'cpu' and LIBC and LIBC.mallopt(-3, mmap) and LIBC.mallopt(-1, trim)
+    set_malloc(64 << 10, 128 << 10)
+    for r, key, fn in phases:
         r[f"mem_{key}_mb"] = peak_memory_mb(lambda: fn(x, y), device)
-    if device.type != 'cuda':
-        _set_malloc(measuring=False)
+    set_malloc(32 << 20, 64 << 20)
+    memory = ('CUDA max_memory_allocated above the allocation before the call' if device.type == 'cuda' else
+              'peak RSS above the RSS before the call (VmHWM, reset before it; glibc mmap threshold 64 KiB, so freed '
+              'tensors leave the RSS; existing weights and optimizer state not counted)')
     log('memory pass done')
 
-    summarise(rows, args, base)
-    checkpointing_notes(rows)
+    summarise(rows, base)
     loader = loader_rows(args, device, log) if args.loader_images > 0 else []
-    meta = dict(arm='meta', command=' '.join(['python', 'bench.py', *(sys.argv[1:] if argv is None else argv)]),
-                torch=torch.__version__, timm=__import__('timm').__version__, threads=torch.get_num_threads(),
+    meta = dict(arm='meta', command=command, torch=torch.__version__, timm=timm.__version__, threads=threads,
                 device=str(device), amp=amp, arch=args.arch, img_size=args.img_size, batch_size=args.batch_size,
                 iters=args.iters, warmup=args.warmup, init_iters=args.init_iters, spt_images=args.spt_images,
-                num_classes=args.num_classes, seed=args.seed, memory=memory,
-                seconds=time.perf_counter() - t_start)
+                num_classes=args.num_classes, seed=args.seed, memory=memory, seconds=time.perf_counter() - t_start)
     results = [meta, *rows, *loader]
-    if args.json:
-        print(json.dumps(results, indent=1))
-    else:
-        print(markdown(rows, meta) + (loader_markdown(loader) if loader else ''))
+    tables = [markdown(rows, meta)] + ([loader_markdown(loader)] if loader else [])
+    print(json.dumps(results, indent=1) if args.json else '\n\n'.join(tables))
     return results
 
 
