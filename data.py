@@ -65,13 +65,9 @@ DATASETS = list(FGVC) + [f'vtab-{t}' for t in VTAB] + ['digits']
 
 def _kind(name):
     """'fgvc', 'vtab' or 'digits'; a ValueError listing the valid names otherwise."""
-    if name in FGVC:
-        return 'fgvc'
-    if name.startswith('vtab-') and name[5:] in VTAB:
-        return 'vtab'
-    if name == 'digits':
-        return 'digits'
-    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    return 'fgvc' if name in FGVC else 'vtab' if name.startswith('vtab-') else name
 
 
 def num_classes(name):
@@ -81,7 +77,6 @@ def num_classes(name):
 
 
 def default_data_root():
-    """The environment variable VPT_DATA_ROOT if set (non-empty), else './data'."""
     return os.environ.get('VPT_DATA_ROOT') or './data'
 
 
@@ -100,11 +95,8 @@ def expected_layout(name, folder=None):
 
 
 def dataset_dir(name, root=None):
-    """The dataset's folder: FGVC <root>/<folder>, VTAB <root>/vtab-1k/<task>; None for digits.
-
-    `root` may also be the dataset folder itself (detected by its train.json / train800.txt).
-    root=None means default_data_root().
-    """
+    """The dataset's folder: FGVC <root>/<folder>, VTAB <root>/vtab-1k/<task>, or `root` itself when it holds the
+    split files (train.json / train800.txt); None for digits. root=None: default_data_root()."""
     kind = _kind(name)
     if kind == 'digits':
         return None
@@ -122,34 +114,25 @@ def dataset_dir(name, root=None):
 
 
 def split_names(name, eval_split):
-    """(train split, eval split) for --eval-split val|test.
-
-    val:  FGVC train / val,   VTAB and digits train800 / val200
-    test: FGVC train / test,  VTAB and digits train800val200 / test  (VPT trains FGVC on train.json alone)
-    """
-    kind = _kind(name)
+    """(train split, eval split) for --eval-split val|test. val: FGVC train / val, VTAB and digits train800 / val200;
+    test: FGVC train / test (VPT trains FGVC on train.json alone), VTAB and digits train800val200 / test."""
     if eval_split not in ('val', 'test'):
         raise ValueError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
-    if kind == 'fgvc':
+    if _kind(name) == 'fgvc':
         return ('train', eval_split)
     return ('train800', 'val200') if eval_split == 'val' else ('train800val200', 'test')
 
 
 def build_transform(name, train, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """PIL image -> normalised (3, img_size, img_size) tensor. None for digits (done inside DigitsDataset).
-
-    FGVC (VPT): Resize(256) -> RandomCrop(224) -> RandomHorizontalFlip when training,
-                Resize(256) -> CenterCrop(224) otherwise; 256 scales as round(img_size * 256 / 224).
-    VTAB (SA²VP datasets.py; VPT's tf.image.resize): Resize((224, 224)), the same for training and evaluation.
-    Resize is PIL bilinear (torchvision's default), as in VPT's and SA²VP's torch pipelines.
-    """
+    """PIL image -> normalised (3, img_size, img_size) tensor (None for digits: DigitsDataset does it).
+    FGVC (VPT): Resize(256) -> RandomCrop(224) + RandomHorizontalFlip when training, else CenterCrop(224); 256 scales
+    as round(img_size * 256 / 224). VTAB (SA²VP's datasets.py): Resize((224, 224)) for both. PIL bilinear resizing."""
     kind = _kind(name)
     if kind == 'digits':
         return None
     if kind == 'fgvc':
-        resize = T.Resize(round(img_size * 256 / 224))
         crop = [T.RandomCrop(img_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(img_size)]
-        steps = [resize, *crop]
+        steps = [T.Resize(round(img_size * 256 / 224)), *crop]
     else:
         steps = [T.Resize((img_size, img_size))]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
@@ -175,13 +158,9 @@ def _read_json(path, name):
 
 
 def read_fgvc(name, split, folder, strict_classes=True):
-    """[(image path, label)] of one FGVC split, labels remapped by train.json's sorted label set.
-
-    The map is built from train.json for every split (so val/test read train.json too, never the reverse).
-    A val/test label absent from train.json is an error. With strict_classes (the default; off when the
-    environment sets VPT_ALLOW_PARTIAL=1) train.json must hold exactly the benchmark's class count.
-    Returns (samples, number of classes = size of train.json's label set).
-    """
+    """([(image path, label)], classes) of one FGVC split, labels remapped by train.json's sorted label set (val and
+    test read train.json too, never the reverse; a label absent from it is an error). With strict_classes (off when
+    the environment sets VPT_ALLOW_PARTIAL=1) train.json must hold exactly the benchmark's class count."""
     if split not in FGVC_SPLITS:
         raise ValueError(f"FGVC split must be one of {FGVC_SPLITS}, got {split!r}")
     _, images, expected = FGVC[name]
@@ -231,11 +210,9 @@ def read_vtab(name, split, folder):
 # datasets
 
 class ImageError(RuntimeError):
-    """A listed image that is missing or cannot be decoded; the message names the path and the fix.
-
-    An exception raised inside a DataLoader worker reaches the main process re-built by torch as
-    ImageError("Caught ImageError in DataLoader worker process N.\nOriginal Traceback ...\n...ImageError: <msg>");
-    the constructor keeps only <msg>, so the user sees one line wherever the image was read."""
+    """A listed image that is missing or cannot be decoded; the message names the path and the fix. Raised in a
+    DataLoader worker, torch re-builds it as ImageError("Caught ImageError in DataLoader worker ...<traceback>...
+    ImageError: <msg>"): only <msg> is kept, so the user sees one line wherever the image was read."""
 
     def __init__(self, message):
         if message.startswith('Caught ImageError'):
@@ -273,13 +250,9 @@ class ImageListDataset(Dataset):
 
 
 class DigitsDataset(Dataset):
-    """sklearn's load_digits: 1,797 real 8x8 digits (values 0..16), split with RandomState(0).permutation:
-    train800 = first 800, val200 = next 200, train800val200 = first 1000, test = the remaining 797.
-
-    Image: /16 -> bilinear upsample to img_size (align_corners=False) -> 3 channels -> Normalize(mean, std);
-    the same for training and evaluation. The 8x8 pixels are kept; upsampling happens per item, because
-    a whole split at 224 px would take ~0.5 GB.
-    """
+    """sklearn's load_digits: 1,797 real 8x8 digits (values 0..16) split by RandomState(0).permutation: train800 =
+    the first 800, val200 the next 200, train800val200 the first 1000, test the other 797. An image: /16 -> bilinear
+    upsample to img_size (per item: a split at 224 px would take 0.5 GB) -> 3 channels -> Normalize(mean, std)."""
 
     def __init__(self, split, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         from sklearn.datasets import load_digits  # only this dataset needs scikit-learn
@@ -309,16 +282,11 @@ class DigitsDataset(Dataset):
 
 def build_dataset(name, split, root=None, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, train=False,
                   strict_classes=True):
-    """The dataset `name` (one of DATASETS), split `split`; items are (float32 (3, img_size, img_size), int).
-
+    """Split `split` of dataset `name` (DATASETS): items (float32 (3, img_size, img_size), int label); .samples
+    [(path or digits index, label)], .num_classes (the head's), .name, .split, .root (its folder).
     split: FGVC train/val/test; VTAB and digits train800/val200/train800val200/test (or train/val/trainval).
-    train=True selects the augmenting transform (FGVC only; VTAB and digits have none).
-    Only this split's file is opened, plus train.json for an FGVC label map (never test.json in val mode).
-    strict_classes: FGVC only; train.json must hold the benchmark's full class count (200/555/102/120/196).
-    Turn it off with strict_classes=False or the environment variable VPT_ALLOW_PARTIAL=1; the dataset's
-    .num_classes is then the number of classes train.json holds. Use .num_classes for the head.
-    Attributes: .samples [(path or digits index, label)], .num_classes, .name, .split, .root (folder).
-    """
+    train=True: the augmenting transform (FGVC only). Only this split's file is read, plus FGVC's train.json for its
+    label map. strict_classes: see read_fgvc."""
     kind = _kind(name)
     if kind == 'digits':
         return DigitsDataset(split, img_size, mean, std)
