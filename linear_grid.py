@@ -95,7 +95,7 @@ def run(cfg, device, log=print):
     t_run = time.time()
     cells = [dict(cfg, lr=lr, wd=wd, out=os.path.join(cfg['out'], cell_name(lr, wd))) for wd in wds for lr in lrs]
     for c in cells:
-        runs.claim(c['out'], cfg['overwrite'])
+        runs.open_run_dir(c, set())  # claimed: refused when it holds a run (unless --overwrite)
     train_ds, eval_ds = train.datasets(cfg)  # the data first, as in a single run
     cells = [dict(c, num_classes=train_ds.num_classes) for c in cells]
     model = train.build(cells[0], device)  # every cell's separate run builds exactly this (same seed)
@@ -123,8 +123,6 @@ def run(cfg, device, log=print):
                     steps_per_epoch=sched[0], amp_dtype=str(dtype or torch.float32).replace('torch.', ''),
                     model_options=methods.built_options(model), grid_features='cached' if cached else 'per batch')
                for c in cells]
-    for c in cells:
-        runs.trim_metrics(c['out'], 0)
 
     step, quiet = 0, dict(cfg, log_interval=0)
     for epoch in range(cfg['epochs']):

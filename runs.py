@@ -113,9 +113,13 @@ AT_LEAST = [('epochs', 1), ('batch_size', 1), ('img_size', 1), ('accum', 1), ('e
             ('log_interval', 0), ('sa2vp_gamma', 0)]
 
 
-def check_values(cfg, patch):
-    """A RunError naming the first flag whose value cannot work (a negative lr, an --img-size that the patch size
-    `patch` does not divide, ...), before anything is built."""
+def check_flags(cfg, explicit, takes, flag, patch):
+    """A RunError naming the first flag that cannot work: a method option the method does not take (`takes`; flag:
+    option -> its flag, in --help's order), a value out of range, an --img-size that the patch size does not divide."""
+    foreign = [k for k in flag if k in explicit and k not in takes and k in cfg['method_options']]
+    if foreign:
+        raise RunError(f"{', '.join(flag[k] for k in foreign)}: not an option of --method {cfg['method']}; its options "
+                       f"are {', '.join(flag[k] for k in takes if k in flag) or 'none'}")
     rules = [(k, lambda v, lo=lo: v >= lo, f"at least {lo}" if lo else '0 or more') for k, lo in AT_LEAST]
     rules += [('lr', lambda v: v > 0, 'positive'), ('momentum', lambda v: 0 <= v < 1, 'in [0, 1)'),
               ('prompt_dropout', lambda v: 0 <= v < 1, 'in [0, 1)'),
@@ -130,22 +134,6 @@ def check_values(cfg, patch):
     if cfg['img_size'] % patch:
         raise RunError(f"--img-size {cfg['img_size']} is not a multiple of {cfg['arch']}'s patch size {patch}; "
                        f"pass e.g. --img-size {max(patch, cfg['img_size'] // patch * patch)}")
-
-
-def refuse_foreign_options(method, takes, options, explicit, flag):
-    """A RunError when a method option of another method is given (flag: option -> its flag, in --help's order)."""
-    foreign = [k for k in options if k in explicit and k not in takes]
-    if foreign:
-        raise RunError(f"{', '.join(flag[k] for k in foreign)}: not an option of --method {method}; its options are "
-                       f"{', '.join(flag[k] for k in takes if k in flag) or 'none'}")
-
-
-def warn_warmup(cfg, sched, last_lr):
-    """A warning when the warmup is not shorter than the run: the lr never reaches its peak."""
-    if sched[2] >= sched[1]:
-        print(f"warning: --warmup-epochs {cfg['warmup_epochs']:g} is not shorter than --epochs {cfg['epochs']}: the "
-              f"lr rises linearly for the whole run to {last_lr:.3g} and never reaches the peak {cfg['lr']:g} or the "
-              f"cosine; pass --warmup-epochs below {cfg['epochs']}", file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -166,73 +154,61 @@ def claim(out, overwrite, remove=True):
 
 
 def open_run_dir(cfg, explicit, rank=0):
-    """The run directory of a fresh start, an overwrite or a resume -> (configuration, checkpoint or None).
-    A resume continues the configuration recorded in last.pt with the RESUME_OVERRIDES that were given."""
-    out = cfg['out']
+    """The run directory of a fresh start, an overwrite or a resume -> (configuration, checkpoint or None, result.json
+    of a resumed run that has finished already or None). A resume continues the configuration recorded in last.pt
+    with the RESUME_OVERRIDES that were given; metrics.jsonl keeps the lines up to the checkpoint's epoch."""
+    out, ckpt = cfg['out'], None
     if not cfg['resume']:
         claim(out, cfg['overwrite'], remove=rank == 0)
-        return cfg, None
-    ckpt_path = os.path.join(out, 'last.pt')
-    if not os.path.isfile(ckpt_path):
-        raise RunError(f"cannot resume: {ckpt_path} does not exist")
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    rec = ckpt['args']
-    if 'method' in explicit and cfg['method'] != rec['method']:
-        raise RunError(f"cannot resume: --method {cfg['method']} differs from the checkpoint's "
-                       f"{rec['method']} ({ckpt_path})")
-    changed = [f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {rec.get(k)!r})" for k in sorted(explicit)
-               if k not in RESUME_OVERRIDES and cfg[k] != rec.get(k)]
-    if changed:
-        raise RunError(f"cannot resume {out} with a different configuration: {', '.join(changed)}")
-    resumed = dict(rec, stop_after_epoch=None)
-    resumed.update({k: v for k, v in cfg.items() if k in explicit and k in RESUME_OVERRIDES})
-    resumed.update(out=out, resume=True, overwrite=False)
-    return resumed, ckpt
-
-
-def finished(cfg, ckpt):
-    """result.json's dict when a resumed run has finished all its epochs already, else None."""
-    path = os.path.join(cfg['out'], 'result.json')
-    if ckpt is None or ckpt['epoch'] < cfg['epochs'] or not os.path.exists(path):
-        return None
-    print(f"{cfg['out']} finished all {cfg['epochs']} epochs already; its result.json stands")
-    return read_json(path)
+    else:
+        if not os.path.isfile(os.path.join(out, 'last.pt')):
+            raise RunError(f"cannot resume: {os.path.join(out, 'last.pt')} does not exist")
+        ckpt = torch.load(os.path.join(out, 'last.pt'), map_location='cpu', weights_only=True)
+        rec = ckpt['args']
+        if 'method' in explicit and cfg['method'] != rec['method']:
+            raise RunError(f"cannot resume: --method {cfg['method']} differs from the checkpoint's {rec['method']} "
+                           f"({os.path.join(out, 'last.pt')})")
+        changed = [f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {rec.get(k)!r})" for k in sorted(explicit)
+                   if k not in RESUME_OVERRIDES and cfg[k] != rec.get(k)]
+        if changed:
+            raise RunError(f"cannot resume {out} with a different configuration: {', '.join(changed)}")
+        given = {k: v for k, v in cfg.items() if k in explicit and k in RESUME_OVERRIDES}
+        cfg = {**rec, 'stop_after_epoch': None, **given, 'out': out, 'resume': True, 'overwrite': False}
+        if ckpt['epoch'] >= cfg['epochs'] and os.path.exists(os.path.join(out, 'result.json')):
+            print(f"{out} finished all {cfg['epochs']} epochs already; its result.json stands")
+            return cfg, ckpt, read_json(os.path.join(out, 'result.json'))
+    if rank == 0:  # the metrics of the epochs the checkpoint holds; a fresh start: none
+        path, lines = os.path.join(out, 'metrics.jsonl'), []
+        if ckpt is not None and os.path.exists(path):
+            with open(path) as f:
+                lines = [ln for ln in f if ln.strip() and json.loads(ln)['epoch'] <= ckpt['epoch']]
+        os.makedirs(out, exist_ok=True)
+        with open(path, 'w') as f:
+            f.writelines(lines)
+    return cfg, ckpt, None
 
 
 def micro_batch(cfg, world):
-    """The per-process micro-batch: --batch-size / (processes x --accum), which must divide."""
+    """The per-process micro-batch, --batch-size / (processes x --accum), which must divide."""
     if cfg['batch_size'] % (world * cfg['accum']):
         raise RunError(f"--batch-size {cfg['batch_size']} must be divisible by processes x --accum = {world} x "
                        f"{cfg['accum']}")
     return cfg['batch_size'] // (world * cfg['accum'])
 
 
-def with_classes(cfg, num_classes):
-    """cfg with the head's class count (the training split's); a resumed run's must not have changed."""
-    if cfg.get('num_classes', num_classes) != num_classes:
-        raise RunError(f"cannot resume: {cfg['train_split']} of {cfg['data']} now holds {num_classes} classes, the "
-                       f"checkpoint's head has {cfg['num_classes']} ({cfg['out']})")
-    return dict(cfg, num_classes=num_classes)
-
-
-def check_backbone(identity, ckpt, out):
-    """A resumed run must continue on the tensors it was trained on (any file or hub copy of them)."""
-    if ckpt is not None and ckpt['identity'] != identity:
+def check_resumed(ckpt, cfg, identity):
+    """A resumed run continues with its head's class count, on the backbone tensors it was trained on (any file or
+    hub copy of them)."""
+    if ckpt['args']['num_classes'] != cfg['num_classes']:
+        raise RunError(f"cannot resume: {cfg['train_split']} of {cfg['data']} now holds {cfg['num_classes']} classes, "
+                       f"the checkpoint's head has {ckpt['args']['num_classes']} ({cfg['out']})")
+    if ckpt['identity'] != identity:
         raise RunError(f"cannot resume: the backbone is {identity}, but the checkpoint was trained on "
-                       f"{ckpt['identity']} ({out})")
+                       f"{ckpt['identity']} ({cfg['out']})")
 
 
-def trim_metrics(out, epoch):
-    """Drop metrics.jsonl lines of epochs after `epoch` (they finished after the checkpoint a resume starts from);
-    a fresh start (epoch 0) empties the file."""
-    path = os.path.join(out, 'metrics.jsonl')
-    lines = []
-    if epoch and os.path.exists(path):
-        with open(path) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln)['epoch'] <= epoch]
-    os.makedirs(out, exist_ok=True)
-    with open(path, 'w') as f:
-        f.writelines(lines)
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def interrupted(out):

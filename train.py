@@ -7,8 +7,8 @@ Train a prompt-tuning method (or a baseline) on a frozen ViT: plain argparse, on
 
 Defaults: the papers' recipes (each class's `recipe` in methods.py), per-step warmup then cosine, absolute
 learning rates, bf16 autocast on CUDA, torchrun DDP with a global batch that does not depend on the processes.
-Around the loop: runs.py (run directory, resume, records, --device), weights.py (weights files, the hub),
-decoded_cache.py (--decoded-cache), linear_grid.py (a grid of linear heads, trained with train_epoch).
+Around the loop: runs.py (run directory, resume, records), weights.py (weights files, the hub), decoded_cache.py,
+linear_grid.py (linear heads trained side by side with train_epoch).
 """
 
 import argparse
@@ -32,8 +32,7 @@ import weights
 from runs import RunError
 
 # -----------------------------------------------------------------------------
-# configuration: the flags; the method's recipe and the defaults below fill in what is not given
-
+# configuration: the flags; the method's recipe and these defaults fill in what is not given
 MOMENTUM = 0.9  # SGD momentum in every SGD recipe
 DEFAULTS = dict(arch='vit_base_patch16_224', pretrain='in21k', eval_split='val', img_size=224, momentum=MOMENTUM,
                 seed=0, device='auto', amp='auto', accum=1, workers=4, log_interval=20, compile=False,
@@ -64,18 +63,17 @@ def build_parser():
     """Every flag defaults to None, 'not given'; parse_args fills in DEFAULTS and the recipe."""
     p = argparse.ArgumentParser(description="Train a visual prompt-tuning method on a frozen ViT with its paper's "
                                 "recipe; every recipe value can be overridden.", allow_abbrev=False)
-    d = lambda k: f"(default: {DEFAULTS[k]})"  # noqa: E731
     on = dict(action='store_const', const=True)
     g = p.add_argument_group('model and data')
     g.add_argument('--method', choices=list(methods.METHODS), help="(required)")
-    g.add_argument('--arch', choices=list(models.ARCHS), help=d('arch'))
-    g.add_argument('--pretrain', choices=list(models.PRETRAIN), help=d('pretrain'))
+    g.add_argument('--arch', choices=list(models.ARCHS), help="(default: vit_base_patch16_224)")
+    g.add_argument('--pretrain', choices=list(models.PRETRAIN), help="(default: in21k)")
     g.add_argument('--weights', help="weights file, any format of weights.py (default: --pretrain's hub weights)")
     g.add_argument('--data', choices=data.DATASETS, metavar='NAME', help="cub, ..., vtab-<task>, digits (required)")
     g.add_argument('--data-root', help="(default: $VPT_DATA_ROOT or ./data)")
     g.add_argument('--eval-split', choices=['val', 'test'], help="val: train / val; test: FGVC train, VTAB "
-                   "train800val200 / test " + d('eval_split'))
-    g.add_argument('--img-size', type=int, help=d('img_size'))
+                   "train800val200 / test (default: val)")
+    g.add_argument('--img-size', type=int, help="(default: 224)")
     for k in ('--mean', '--std'):
         g.add_argument(k, type=float, nargs=3, help="normalisation (default: the backbone's)")
     g = p.add_argument_group("recipe (default: the method's paper recipe)")
@@ -87,7 +85,7 @@ def build_parser():
                    "and 1-D tensors); " + recipe('wd') + "; a comma list for --method linear")
     g.add_argument('--wd-head', type=float, help="weight decay of the head weight; " + recipe('wd_head'))
     g.add_argument('--optimizer', choices=['sgd', 'adamw'], help=recipe('optimizer'))
-    g.add_argument('--momentum', type=float, help="SGD momentum " + d('momentum'))
+    g.add_argument('--momentum', type=float, help="SGD momentum (default: 0.9)")
     g.add_argument('--warmup-epochs', type=float, help="linear warmup from 0, per step; " + recipe('warmup_epochs'))
     g.add_argument('--min-lr', type=float, help="end of the cosine; " + recipe('min_lr'))
     g = p.add_argument_group("method options (each class's `flags` in methods.py)")
@@ -99,17 +97,18 @@ def build_parser():
             g.add_argument(f"--{k.replace('_', '-')}", **{'choices' if isinstance(kind, tuple) else 'type': kind},
                            help=text)
     g = p.add_argument_group('system')
-    g.add_argument('--seed', type=int, help=d('seed'))
-    g.add_argument('--device', help="auto (cuda if there is one), cpu, cuda or cuda:N " + d('device'))
-    g.add_argument('--amp', choices=['auto', 'none', 'bf16', 'fp16'], help="auto: bf16 on CUDA, else fp32 " + d('amp'))
+    g.add_argument('--seed', type=int, help="(default: 0)")
+    g.add_argument('--device', help="auto (cuda if there is one), cpu, cuda or cuda:N (default: auto)")
+    g.add_argument('--amp', choices=['auto', 'none', 'bf16', 'fp16'], help="auto: bf16 on CUDA, else fp32; fp16 with a "
+                   "GradScaler (default: auto)")
     g.add_argument('--compile', **on, help="torch.compile the training step")
     g.add_argument('--grad-checkpointing', **on, help="recompute the blocks in backward: less memory, same gradients")
-    g.add_argument('--accum', type=int, help="micro-batches per optimizer step " + d('accum'))
-    g.add_argument('--workers', type=int, help="data loader workers per process " + d('workers'))
+    g.add_argument('--accum', type=int, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument('--workers', type=int, help="data loader workers per process (default: 4)")
     g.add_argument('--decoded-cache', **on, help="decode every image once into memory (for GPUs that outrun JPEG)")
     g.add_argument('--eval-every', type=int, help="evaluate every N epochs and after the last (default: 1; test: "
                    "after the last only)")
-    g.add_argument('--log-interval', type=int, help="steps between progress lines, 0 = none " + d('log_interval'))
+    g.add_argument('--log-interval', type=int, help="steps between progress lines, 0 = none (default: 20)")
     g.add_argument('--out', help="run directory (default: runs/<method>-<data>-<pretrain>-<arch>-<split>-seed<s>"
                    "[-<flag><value>...])")
     g.add_argument('--resume', **on, help="continue --out/last.pt with its recorded configuration")
@@ -120,8 +119,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """The command line -> (configuration, the set of flags given): DEFAULTS, the method's recipe and dataset defaults,
-    the backbone's normalisation, the splits, --out and --eval-every filled in, every value checked; reads no file."""
+    """The command line -> (configuration, flags given): DEFAULTS, the method's recipe and dataset defaults, the
+    backbone's normalisation, the splits, --out and --eval-every filled in, every value checked; reads no file."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     explicit = {k for k, v in args.items() if v is not None}
@@ -134,9 +133,6 @@ def parse_args(argv=None):
     if cfg['method'] is None:  # --resume --out DIR: the configuration comes from the checkpoint
         return cfg, explicit
     cls, options = methods.METHODS[cfg['method']], methods.method_flags()
-    flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}  # in --help's order
-    runs.refuse_foreign_options(cfg['method'], methods.init_options(cls), [k for k in flag if k in options], explicit,
-                                flag)
     if not cls.grid_in_one_pass and any(isinstance(cfg[k], list) for k in ('lr', 'wd')):
         parser.error(f"a comma list of --lr / --wd (a grid in one pass) is for linear probes; sweep.py runs the "
                      f"grids of --method {cfg['method']}")
@@ -148,13 +144,14 @@ def parse_args(argv=None):
     if cfg['eval_every'] is None:  # a final run on test evaluates it once, after the last epoch
         cfg['eval_every'] = 1 if cfg['eval_split'] == 'val' else cfg['epochs']
     cfg['out'] = cfg['out'] or runs.run_name(cfg, explicit, NAMED_FLAGS + tuple(options))
-    runs.check_values(cfg, models.ARCHS[cfg['arch']]['patch_size'])
+    flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}  # in --help's order
+    runs.check_flags(dict(cfg, method_options=options), explicit, methods.init_options(cls), flag,
+                     models.ARCHS[cfg['arch']]['patch_size'])
     return cfg, explicit
 
 
 def datasets(cfg, train_transform=True):
-    """(train dataset, eval dataset), read before the weights (split files take a moment, the weights may take
-    minutes). A missing folder or split file, a bad label: a RunError."""
+    """(train dataset, eval dataset), read before the weights: a missing folder or file, a bad label: a RunError."""
     kw = dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'])
     try:
         return (data.build_dataset(cfg['data'], cfg['train_split'], train=train_transform, **kw),
@@ -165,7 +162,6 @@ def datasets(cfg, train_transform=True):
 
 # -----------------------------------------------------------------------------
 # model, optimizer, schedule, evaluation
-
 
 def build(cfg, device, weights_file=None):
     """The backbone (weights_file, else --weights, else the hub) and the method's model on `device`. Seeded, so a
@@ -202,11 +198,17 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(params, lr=cfg['lr'])
 
 
-def schedule(cfg, train_loader):
-    """(optimizer steps per epoch, total steps, warmup steps); --max-steps-per-epoch caps the first."""
+def schedule(cfg, train_loader, warn=True):
+    """(optimizer steps per epoch, total steps, warmup steps); --max-steps-per-epoch caps the first. A warning when
+    the warmup is not shorter than the run."""
     steps = math.ceil(len(train_loader) / cfg['accum'])
     steps = min(steps, cfg['max_steps_per_epoch'] or steps)
-    return steps, cfg['epochs'] * steps, round(cfg['warmup_epochs'] * steps)
+    total, warmup = cfg['epochs'] * steps, round(cfg['warmup_epochs'] * steps)
+    if warn and warmup >= total:
+        runs.warn(f"--warmup-epochs {cfg['warmup_epochs']:g} is not shorter than --epochs {cfg['epochs']}: the lr "
+                  f"rises linearly for the whole run to {lr_at(total - 1, total, warmup, cfg['lr'], 0):.3g} and never "
+                  f"reaches the peak {cfg['lr']:g} or the cosine; pass --warmup-epochs below {cfg['epochs']}")
+    return steps, total, warmup
 
 
 def lr_at(step, total, warmup, lr, min_lr):
@@ -218,8 +220,7 @@ def lr_at(step, total, warmup, lr, min_lr):
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
-def amp_dtype(amp, device):
-    """The autocast dtype, or None for fp32."""
+def amp_dtype(amp, device):  # the autocast dtype, None for fp32
     return {'auto': torch.bfloat16 if device.type == 'cuda' else None, 'none': None, 'bf16': torch.bfloat16,
             'fp16': torch.float16}[amp]
 
@@ -246,9 +247,7 @@ def evaluate(model, loader, device, dtype):
     return acc.tolist() if correct.ndim else acc.item()
 
 
-class LossModule(nn.Module):
-    """forward(x, y) = model.loss(x, y), so that DDP (which hooks forward) sees the training loss."""
-
+class LossModule(nn.Module):  # forward(x, y) = model.loss(x, y): DDP hooks forward
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -259,7 +258,6 @@ class LossModule(nn.Module):
 
 # -----------------------------------------------------------------------------
 # the loop
-
 
 def train_epoch(model, step_fn, loader, opt, scaler, step, epoch, cfg, sched, device, dtype, log):
     """One epoch of optimizer steps, each over --accum micro-batches; step_fn(x, y) is the training loss (under
@@ -304,6 +302,7 @@ def start(model, opt, scaler, ckpt, cfg, micro, rank, world, log):
     """The starting (epoch, step, wall time so far): a resumed run's from its checkpoint, tensors and RNG included;
     a fresh run initialises what the method initialises from data (SPT's prompts) and seeds every process."""
     if ckpt is not None:
+        runs.check_resumed(ckpt, cfg, model.backbone.identity)  # the same classes and backbone tensors as before
         runs.load_tuned(model, ckpt['model'], cfg['out'])
         opt.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
@@ -323,37 +322,35 @@ def run(cfg, explicit, rank, world, device):
     """One training run: the run directory, data, model, optimizer, then the epochs. Returns result.json's dict
     (None when stopped by --stop-after-epoch)."""
     t_run, log = time.time(), print if rank == 0 else (lambda *a, **k: None)
-    cfg, ckpt = runs.open_run_dir(cfg, explicit, rank)  # a fresh start, an overwrite or a resume
-    if (done := runs.finished(cfg, ckpt)) is not None:  # resumed after the last epoch: result.json stands
+    cfg, ckpt, done = runs.open_run_dir(cfg, explicit, rank)  # a fresh start, an overwrite or a resume
+    if done:  # resumed after the last epoch: its result.json stands
         return done
-    micro = runs.micro_batch(cfg, world)  # per process
+    micro = runs.micro_batch(cfg, world)  # --batch-size / (processes x --accum)
     train_ds, eval_ds = datasets(cfg)  # the data before the weights
-    cfg = MappingProxyType(runs.with_classes(cfg, train_ds.num_classes))  # resolved: read-only from here on
+    cfg = MappingProxyType(dict(cfg, num_classes=train_ds.num_classes))  # resolved: read-only from here on
     model = build(cfg, device)  # every rank seeded alike, so parameters start equal (DDP broadcasts them anyway)
-    runs.check_backbone(model.backbone.identity, ckpt, cfg['out'])
     if cfg['decoded_cache']:
         import decoded_cache
         train_loader, eval_loader = decoded_cache.loaders(train_ds, eval_ds, cfg, micro, device, world > 1, log)
     else:
         train_loader = data.build_loader(train_ds, micro, True, cfg['workers'], world > 1, cfg['seed'])
         eval_loader = data.build_loader(eval_ds, micro, False, cfg['workers'], world > 1)
-    sched, dtype, opt = schedule(cfg, train_loader), amp_dtype(cfg['amp'], device), make_optimizer(model, cfg)
+    sched, opt = schedule(cfg, train_loader, rank == 0), make_optimizer(model, cfg)
+    dtype = amp_dtype(cfg['amp'], device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     epoch0, step, wall_before = start(model, opt, scaler, ckpt, cfg, micro, rank, world, log)
     record = dict(cfg, backbone_identity=model.backbone.identity, world_size=world, micro_batch=micro,
                   steps_per_epoch=sched[0], amp_dtype=str(dtype or torch.float32).replace('torch.', ''),
                   model_options=methods.built_options(model))
-    if rank == 0:
-        runs.trim_metrics(cfg['out'], epoch0)
-        runs.warn_warmup(cfg, sched, lr_at(sched[1] - 1, *sched[1:], cfg['lr'], 0))
     tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(f"{cfg['method']} on {cfg['data']} ({cfg['train_split']} -> {cfg['eval_split_name']}), {tuned:,} tuned of "
         f"{total:,} parameters, batch {cfg['batch_size']} = {world} x {cfg['accum']} x {micro}, {cfg['epochs']} epochs "
         f"x {sched[0]} steps, {record['amp_dtype']} on {device}, backbone {model.backbone.identity}; out {cfg['out']}")
-    step_fn = LossModule(model)
-    if world > 1:  # no buffer broadcast: buffers (SA²VP's mask) are constants
-        step_fn = DDP(step_fn, device_ids=[device.index] if device.type == 'cuda' else None, forward_sync_buffers=False)
+    step_fn = model.loss  # under torchrun DDP wraps it (no buffer broadcast: buffers, SA²VP's mask, are constants)
+    if world > 1:
+        step_fn = DDP(LossModule(model), device_ids=[device.index] if device.type == 'cuda' else None,
+                      forward_sync_buffers=False)
     step_fn = torch.compile(step_fn) if cfg['compile'] else step_fn
     acc = None
     for epoch in range(epoch0, cfg['epochs']):
