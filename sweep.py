@@ -1,29 +1,18 @@
 """
-From runs to a paper's table: the lr x wd (x prompts) search on val, the seeded final runs on test, and the
-table beside the papers' numbers. VPT's protocol (KMnP/vpt tune_vtab.py, tune_fgvc.py), without its costs.
+From runs to a paper's table with VPT's protocol (KMnP/vpt tune_vtab.py, tune_fgvc.py), without its costs: the
+lr x wd (x prompts) grid trained on the tuning split and scored on val into DIR/<data>/val/<cell>/ (the test files
+never opened), the best cell retrained for every seed into DIR/<data>/test/seed<s>/ (the test set evaluated once,
+after the last epoch), and the mean +- sample std over the seeds beside the paper's number in
+DIR/results.{md,csv,json,png} and DIR/<data>/grid.png. README, "Reproduce a table", has the details.
 
     python sweep.py --method vpt --pretrain in21k --data vtab                     # 19 tasks, VPT's grid
-    python sweep.py --method linear --pretrain mae --weights mae.pth --data fgvc --jobs 8
     python sweep.py --method vpt --data cub --print-commands > cmds.txt            # for any scheduler
     python sweep.py --method vpt --data fgvc --launcher slurm --partition gpu      # SLURM through submitit
     python sweep.py --report sweeps/vpt-in21k-fgvc                                 # the table of what finished
-    python sweep.py --method vpt --data vtab --dry-run                             # runs and image passes
 
-The protocol, per dataset:
-  phase 1  every grid cell trains on the tuning split and is scored on val (train.py --eval-split val; VTAB
-           train800 -> val200, FGVC train -> val) into DIR/<data>/val/<cell>/. The test files are never opened.
-  select   the best last-epoch val top-1; ties go to the smaller lr, then the smaller wd, then fewer prompts
-           (KMnP/vpt tune_vtab.py picks the first best in its sorted lr list).
-  phase 2  the chosen cell is retrained for every seed with --eval-split test (VTAB train800val200, FGVC
-           train) into DIR/<data>/test/seed<s>/, and the test set is evaluated once, after the last epoch.
-  report   mean +- sample std (ddof 1) over the seeds, beside the paper's number: DIR/results.{md,csv,json,png}
-           and DIR/<data>/grid.png.
-
-Every cell is an ordinary train.py run directory, so the report only reads directories: it does not matter
-whether this script, a scheduler fed by --print-commands, or SLURM ran the cells. Rerunning the same command
-skips finished cells and resumes unfinished ones (train.py --resume); a cell directory recorded with another
-configuration is an error, never reused. What VPT's scripts do and this one avoids: one serial process per
-grid (with SLURM assumed), the test set evaluated every epoch of every final run, tables regex-parsed from logs.
+Every cell is an ordinary train.py run directory, so the report only reads directories, whoever ran the cells.
+Rerunning the same command skips finished cells and resumes unfinished ones; a cell directory recorded with
+another configuration is an error, never reused.
 """
 
 import argparse
@@ -40,21 +29,18 @@ import time
 import data
 import train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TRAIN_PY = os.path.join(HERE, 'train.py')
-
-# -----------------------------------------------------------------------------
-# suites, grids, seeds
-
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+# VTAB-1k's groups, each task with its test set size for --dry-run (the full official test set: tfds, as NOAH's
+# get_vtab1k.py writes it; train800 / val200 / train800val200 for every task)
 VTAB_GROUPS = {
-    'vtab-natural': ['cifar', 'caltech101', 'dtd', 'oxford_flowers102', 'oxford_iiit_pet', 'svhn', 'sun397'],
-    'vtab-specialized': ['patch_camelyon', 'eurosat', 'resisc45', 'diabetic_retinopathy'],
-    'vtab-structured': ['clevr_count', 'clevr_dist', 'dmlab', 'kitti', 'dsprites_loc', 'dsprites_ori',
-                        'smallnorb_azi', 'smallnorb_ele'],
+    'vtab-natural': {'cifar': 10000, 'caltech101': 6084, 'dtd': 1880, 'oxford_flowers102': 6149,
+                     'oxford_iiit_pet': 3669, 'svhn': 26032, 'sun397': 21750},
+    'vtab-specialized': {'patch_camelyon': 32768, 'eurosat': 5400, 'resisc45': 6300, 'diabetic_retinopathy': 42670},
+    'vtab-structured': {'clevr_count': 15000, 'clevr_dist': 15000, 'dmlab': 22735, 'kitti': 711,
+                        'dsprites_loc': 73728, 'dsprites_ori': 73728, 'smallnorb_azi': 12150, 'smallnorb_ele': 12150},
 }
-SUITES = {g: [f'vtab-{t}' for t in tasks] for g, tasks in VTAB_GROUPS.items()}
-SUITES['vtab'] = [d for g in VTAB_GROUPS for d in SUITES[g]]
-SUITES['fgvc'] = list(data.FGVC)
+SUITES = {**{g: [f'vtab-{t}' for t in tasks] for g, tasks in VTAB_GROUPS.items()},
+          'vtab': [f'vtab-{t}' for tasks in VTAB_GROUPS.values() for t in tasks], 'fgvc': list(data.FGVC)}
 GROUP_NAMES = {'vtab-natural': 'Natural', 'vtab-specialized': 'Specialized', 'vtab-structured': 'Structured',
                'vtab': 'VTAB mean (19)', 'fgvc': 'FGVC mean (5)'}
 
@@ -76,71 +62,45 @@ GRIDS = {
 }
 SEEDS = [42, 44, 82, 100, 800]  # KMnP/vpt tune_vtab.py: the final-run seeds
 
-# The papers' numbers (ViT-B/16, top-1 %, test): (method, pretrain) -> (source, {data or group: value}).
-# The same numbers as the README's "Expected results".
-_FGVC = ('cub', 'nabirds', 'flowers', 'dogs', 'cars', 'fgvc')
-_VTAB = ('vtab-natural', 'vtab-specialized', 'vtab-structured')
-PAPERS = {
-    ('vpt', 'in21k'): ('SA²VP Tables 1, 3', dict(zip(_FGVC + _VTAB, (88.5, 84.2, 99.0, 90.2, 83.6, 89.11,
-                                                                     78.48, 82.43, 54.98)))),
-    ('sa2vp', 'in21k'): ('SA²VP Tables 1, 3', dict(zip(_FGVC + _VTAB, (89.1, 85.8, 99.3, 92.1, 84.1, 90.08,
-                                                                       80.97, 85.73, 60.80)))),
-    ('spt', 'in21k-augreg'): ('SPT Table 3', dict(zip(_FGVC + _VTAB, (90.6, 87.6, 99.8, 89.8, 89.2, 91.40,
-                                                                      82.27, 85.48, 58.91)))),
-    ('spt', 'mae'): ('SPT Table 2', dict(zip(_FGVC + _VTAB, (80.13, 76.28, 93.07, 82.23, 84.61, 83.26,
-                                                             67.19, 83.15, 59.23)))),
-    ('spt', 'mocov3'): ('SPT Table 2', dict(zip(_FGVC + _VTAB, (84.47, 77.63, 96.10, 85.84, 85.98, 86.00,
-                                                                76.20, 84.95, 58.36)))),
-    ('lspt', 'mae'): ('LSPT Tables 1, 2', dict(zip(_FGVC + _VTAB, (73.86, 71.73, 82.32, 82.05, 74.75, 76.94,
-                                                                   52.36, 80.75, 41.72)))),
-    ('lspt', 'mocov3'): ('LSPT Tables 1, 2', dict(zip(_FGVC + _VTAB, (84.29, 77.16, 95.06, 84.25, 80.12, 84.18,
-                                                                      77.19, 85.69, 52.82)))),
-    ('vpt', 'mae'): ('SPT Table 2', dict(zip(_FGVC, (68.33, 65.22, 80.05, 78.83, 67.67, 72.02)))),
-    ('vpt', 'mocov3'): ('SPT Table 2', dict(zip(_FGVC, (82.67, 75.99, 94.41, 83.33, 79.18, 83.12)))),
-}
+# The papers' numbers (ViT-B/16, top-1 %, test), the same as the README's "Expected results":
+# (method, pretrain) -> (source, {data or group: value}), the values in the order of _KEYS.
+_KEYS = ('cub', 'nabirds', 'flowers', 'dogs', 'cars', 'fgvc', 'vtab-natural', 'vtab-specialized', 'vtab-structured')
+PAPERS = {pair: (source, dict(zip(_KEYS, values))) for pair, (source, values) in {
+    ('vpt', 'in21k'): ('SA²VP Tables 1, 3', (88.5, 84.2, 99.0, 90.2, 83.6, 89.11, 78.48, 82.43, 54.98)),
+    ('sa2vp', 'in21k'): ('SA²VP Tables 1, 3', (89.1, 85.8, 99.3, 92.1, 84.1, 90.08, 80.97, 85.73, 60.80)),
+    ('spt', 'in21k-augreg'): ('SPT Table 3', (90.6, 87.6, 99.8, 89.8, 89.2, 91.40, 82.27, 85.48, 58.91)),
+    ('spt', 'mae'): ('SPT Table 2', (80.13, 76.28, 93.07, 82.23, 84.61, 83.26, 67.19, 83.15, 59.23)),
+    ('spt', 'mocov3'): ('SPT Table 2', (84.47, 77.63, 96.10, 85.84, 85.98, 86.00, 76.20, 84.95, 58.36)),
+    ('lspt', 'mae'): ('LSPT Tables 1, 2', (73.86, 71.73, 82.32, 82.05, 74.75, 76.94, 52.36, 80.75, 41.72)),
+    ('lspt', 'mocov3'): ('LSPT Tables 1, 2', (84.29, 77.16, 95.06, 84.25, 80.12, 84.18, 77.19, 85.69, 52.82)),
+    ('vpt', 'mae'): ('SPT Table 2', (68.33, 65.22, 80.05, 78.83, 67.67, 72.02)),  # FGVC only
+    ('vpt', 'mocov3'): ('SPT Table 2', (82.67, 75.99, 94.41, 83.33, 79.18, 83.12)),
+}.items()}
 
-# Split sizes for --dry-run (no data needed): VTAB-1k 800 / 200 / 1000 and the full official test sets
-# (tfds, as NOAH's get_vtab1k.py writes them); FGVC: VPT's json splits (VPT paper, Table 7); digits: data.py.
-VTAB_TEST = {'cifar': 10000, 'caltech101': 6084, 'dtd': 1880, 'oxford_flowers102': 6149, 'oxford_iiit_pet': 3669,
-             'svhn': 26032, 'sun397': 21750, 'patch_camelyon': 32768, 'eurosat': 5400, 'resisc45': 6300,
-             'diabetic_retinopathy': 42670, 'clevr_count': 15000, 'clevr_dist': 15000, 'dmlab': 22735,
-             'kitti': 711, 'dsprites_loc': 73728, 'dsprites_ori': 73728, 'smallnorb_azi': 12150,
-             'smallnorb_ele': 12150}
-FGVC_SIZES = {'cub': (5394, 600, 5794), 'nabirds': (21536, 2393, 24633), 'flowers': (1020, 1020, 6149),
-              'dogs': (10800, 1200, 8580), 'cars': (7329, 815, 8041)}  # train, val, test
+# --dry-run's (tuning-train, val, final-train, test) sizes. FGVC: VPT's json splits (VPT paper, Table 7), the final
+# runs trained on train.json alone, as VPT does; digits: 1797 images, 1000 of them train800val200's.
+SPLITS = {'cub': (5394, 600, 5394, 5794), 'nabirds': (21536, 2393, 21536, 24633), 'dogs': (10800, 1200, 10800, 8580),
+          'flowers': (1020, 1020, 1020, 6149), 'cars': (7329, 815, 7329, 8041), 'digits': (800, 200, 1000, 797),
+          **{f'vtab-{t}': (800, 200, 1000, n) for tasks in VTAB_GROUPS.values() for t, n in tasks.items()}}
 
 
 class SweepError(RuntimeError):
     """A sweep that cannot go on; printed as one `error:` line."""
 
 
-def split_sizes(name):
-    """(tuning-train, val, final-train, test) image counts of dataset `name`."""
-    if name in FGVC_SIZES:
-        tr, va, te = FGVC_SIZES[name]
-        return tr, va, tr, te  # VPT trains FGVC's final runs on train.json alone
-    return 800, 200, 1000, VTAB_TEST[name[5:]] if name.startswith('vtab-') else 797  # digits: 1797 - 1000
+def comma_list(kind):
+    def parse(s):
+        try:
+            return [kind(v) for v in s.split(',')]
+        except ValueError:
+            what = 'numbers' if kind is float else 'integers'
+            raise argparse.ArgumentTypeError(f"expected a comma list of {what}, got {s!r}") from None
+    return parse
 
 
-# -----------------------------------------------------------------------------
-# the command line
-
-
-def floats(s):
-    try:
-        return [float(v) for v in s.split(',')]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {s!r}") from None
-
-
-def ints(s):
-    try:
-        return [int(v) for v in s.split(',')]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {s!r}") from None
-
-
-def build_parser():
+def parse_args(argv):
+    """(sweep args, train.py flags after --)."""
+    argv, extra = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
     p = argparse.ArgumentParser(description="Grid search on val, seeded final runs on test, and the table beside "
                                 "the papers' numbers (VPT's protocol). Fixed train.py flags go after --, e.g. "
                                 "`-- --epochs 2 --workers 0`.", allow_abbrev=False)
@@ -148,82 +108,73 @@ def build_parser():
     g.add_argument('--method', choices=list(GRIDS))
     g.add_argument('--pretrain', default='in21k', help="train.py --pretrain (default: %(default)s)")
     g.add_argument('--arch', default='vit_base_patch16_224', help="train.py --arch (default: %(default)s)")
-    g.add_argument('--weights', default=None, help="train.py --weights")
+    g.add_argument('--weights', help="train.py --weights")
     g.add_argument('--img-size', type=int, default=224, help="train.py --img-size (default: %(default)s)")
-    g.add_argument('--data-root', default=None, help="train.py --data-root")
+    g.add_argument('--data-root', help="train.py --data-root")
     g.add_argument('--data', help="comma list of train.py --data names and suites: "
                    + ', '.join(f"{s} ({len(v)})" for s, v in SUITES.items()))
-    g.add_argument('--out', default=None, help="sweep directory (default: sweeps/<method>-<pretrain>-<data>)")
+    g.add_argument('--out', help="sweep directory (default: sweeps/<method>-<pretrain>-<data>)")
     g = p.add_argument_group('grid (default: the method\'s grid in GRIDS, sweep.py)')
-    g.add_argument('--lr', type=floats, default=None, help="absolute learning rates, comma list")
-    g.add_argument('--wd', type=floats, default=None, help="weight decays, comma list")
-    g.add_argument('--prompts', type=ints, default=None, help="prompt lengths, comma list (default: the method's)")
-    g.add_argument('--seeds', type=ints, default=SEEDS, help="final-run seeds; phase 1 uses the first "
+    g.add_argument('--lr', type=comma_list(float), help="absolute learning rates, comma list")
+    g.add_argument('--wd', type=comma_list(float), help="weight decays, comma list")
+    g.add_argument('--prompts', type=comma_list(int), help="prompt lengths, comma list (default: the method's)")
+    g.add_argument('--seeds', type=comma_list(int), default=SEEDS, help="final-run seeds; phase 1 uses the first "
                    "(default: 42,44,82,100,800)")
     g = p.add_argument_group('execution')
-    g.add_argument('--jobs', type=int, default=None, help="cells at once (default: one per GPU of --gpus, 1 on a "
-                   "CPU-only machine; slurm: all)")
-    g.add_argument('--gpus', default=None, help="comma list of GPU ids, one job pinned to each in turn "
-                   "(default: every visible GPU)")
+    g.add_argument('--jobs', type=int, help="cells at once (default: one per GPU of --gpus, 1 on a CPU-only "
+                   "machine; slurm: all)")
+    g.add_argument('--gpus', help="comma list of GPU ids, one job pinned to each in turn (default: every visible "
+                   "GPU)")
     g.add_argument('--launcher', choices=['local', 'slurm', 'submitit-local'], default='local',
                    help="local processes, SLURM jobs through submitit, or submitit's local executor (a test of "
                    "the slurm path on this machine) (default: %(default)s)")
-    g.add_argument('--partition', default=None, help="slurm partition")
+    g.add_argument('--partition', help="slurm partition")
     g.add_argument('--gpus-per-job', type=int, default=1, help="slurm GPUs per cell (default: %(default)s)")
-    g.add_argument('--time', type=int, default=24 * 60, help="slurm time limit per cell, minutes "
-                   "(default: %(default)s)")
+    g.add_argument('--time', type=int, default=1440, help="slurm time limit per cell, minutes (default: %(default)s)")
     g.add_argument('--print-commands', action='store_true', help="print every remaining train.py command, one per "
                    "line, and exit (phase 2 appears once a dataset's phase 1 has finished)")
     g.add_argument('--dry-run', action='store_true', help="print the number of runs and image passes per phase")
-    g.add_argument('--report', metavar='DIR', default=None, help="write DIR/results.{md,csv,json,png} from whatever "
-                   "has finished, and print the table")
-    return p
-
-
-def parse_args(argv):
-    """(sweep args, train.py flags after --)."""
-    argv = list(argv)
-    extra = argv[argv.index('--') + 1:] if '--' in argv else []
-    argv = argv[:argv.index('--')] if '--' in argv else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    g.add_argument('--report', metavar='DIR', help="write DIR/results.{md,csv,json,png} from whatever has "
+                   "finished, and print the table")
+    args = p.parse_args(argv)
     if args.report is None and (args.method is None or args.data is None):
-        parser.error("--method and --data are required (or --report DIR)")
+        p.error("--method and --data are required (or --report DIR)")
     owned = {'--method', '--data', '--arch', '--pretrain', '--weights', '--img-size', '--data-root', '--lr', '--wd',
              '--prompts', '--seed', '--out', '--eval-split', '--resume', '--overwrite'}
-    for flag in extra:
-        if flag.split('=')[0] in owned:
-            raise SweepError(f"{flag.split('=')[0]} after -- is set by sweep.py itself; give it before the --")
+    for flag in (f.split('=')[0] for f in extra):
+        if flag in owned:
+            raise SweepError(f"{flag} after -- is set by sweep.py itself; give it before the --")
     return args, extra
 
 
 def datasets_of(spec):
-    out = []
-    for name in spec.split(','):
-        names = SUITES.get(name, [name])
-        for n in names:
-            if n not in data.DATASETS:
-                raise SweepError(f"--data: unknown dataset or suite {n!r}; valid: {', '.join(SUITES)}, "
-                                 f"{', '.join(data.DATASETS)}")
-            if n not in out:
-                out.append(n)
-    return out
+    names = list(dict.fromkeys(n for name in spec.split(',') for n in SUITES.get(name, [name])))
+    for n in names:
+        if n not in data.DATASETS:
+            raise SweepError(f"--data: unknown dataset or suite {n!r}; valid: {', '.join(SUITES)}, "
+                             f"{', '.join(data.DATASETS)}")
+    return names
 
 
 def grid_of(args, extra):
     """[(lr, wd, prompts)] in the order of the grid; lr absolute (VPT's base lrs x batch / 256, at the batch size
     the runs will use: --batch-size after --, else the recipe's)."""
     grid = GRIDS[args.method]
-    if args.lr is not None:
-        lrs = args.lr
-    elif grid['base']:
+    lrs = args.lr or grid['lr']
+    if args.lr is None and grid['base']:
         batch = intended_config(['--method', args.method, '--data', 'digits'] + extra)['batch_size']
         lrs = [lr * batch / 256 for lr in grid['lr']]
-    else:
-        lrs = grid['lr']
-    wds = args.wd if args.wd is not None else grid['wd']
-    prompts = args.prompts if args.prompts is not None else [None]
-    return [(lr, wd, p) for p in prompts for wd in wds for lr in lrs]
+    return [(lr, wd, p) for p in args.prompts or [None] for wd in args.wd or grid['wd'] for lr in lrs]
+
+
+def intended_config(argv):
+    """train.py's resolved configuration for these flags, without running anything."""
+    try:
+        return train.parse_args(argv)[0]
+    except SystemExit:  # argparse has printed its message
+        raise SweepError(f"train.py refuses the flags {shlex.join(argv)}") from None
+    except train.RunError as e:  # a value that cannot work (a negative lr, ...) or an option of another method
+        raise SweepError(f"train.py refuses {shlex.join(argv)}: {e}") from None
 
 
 def cell_name(lr, wd, prompts):
@@ -231,8 +182,7 @@ def cell_name(lr, wd, prompts):
 
 
 def choose(cells):
-    """The chosen cell among [(lr, wd, prompts, val accuracy)]: the best accuracy; ties go to the smaller lr,
-    then the smaller wd, then fewer prompts."""
+    """The best of [(lr, wd, prompts, val accuracy)]; ties go to the smaller lr, then wd, then fewer prompts."""
     return min(cells, key=lambda c: (-c[3], c[0], c[1], -1 if c[2] is None else c[2]))
 
 
@@ -335,17 +285,6 @@ def phase1_tasks(spec, name):
     if spec['method'] == 'linear' and len(cells) > 1 and fresh:
         return [LinearGrid(spec, name, cells)]
     return todo
-
-
-def intended_config(argv):
-    """train.py's resolved configuration for these flags, without running anything."""
-    try:
-        cfg, _ = train.parse_args(argv)
-    except SystemExit:  # argparse has printed its message
-        raise SweepError(f"train.py refuses the flags {shlex.join(argv)}") from None
-    except train.RunError as e:  # a value that cannot work (a negative lr, ...) or an option of another method
-        raise SweepError(f"train.py refuses {shlex.join(argv)}: {e}") from None
-    return cfg
 
 
 def load_spec(out):
@@ -554,7 +493,7 @@ def dry_run(spec):
     cells, seeds = len(spec['grid']), len(spec['seeds'])
     p1 = p2 = vpt1 = vpt2 = 0
     for name in spec['data']:
-        tune, val, final, test = split_sizes(name)
+        tune, val, final, test = SPLITS[name]
         if spec['method'] == 'linear' and cells > 1:  # one process, one backbone forward per image for all cells
             p1 += tune + val if name not in data.FGVC else passes(tune, val, epochs, val_cfg['eval_every'])
         else:
