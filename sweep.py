@@ -186,20 +186,22 @@ def choose(cells):
     return min(cells, key=lambda c: (-c[3], c[0], c[1], -1 if c[2] is None else c[2]))
 
 
-# -----------------------------------------------------------------------------
-# cells: ordinary train.py run directories
-
-
 class Cell:
-    """One train.py run of the sweep: its command, its directory and what it holds."""
+    """One train.py process of the sweep, its directory and what that holds. `cells` are the grid cells whose run
+    directories it writes: itself, or for `linear`'s phase 1 in one process ('grid') all of a dataset's cells."""
 
-    def __init__(self, spec, name, phase, lr, wd, prompts, seed, key):
-        self.data, self.phase, self.key = name, phase, key
-        self.lr, self.wd, self.prompts, self.seed = lr, wd, prompts, seed
-        self.dir = os.path.join(spec['out'], name, 'val' if phase == 1 else 'test', key)
-        self.log = os.path.join(self.dir, 'train.log')
+    def __init__(self, spec, name, phase, lr, wd, prompts, seed, key, cells=None):
+        self.data, self.key, self.lr, self.wd, self.prompts, self.seed = name, key, lr, wd, prompts, seed
+        self.cells, split = cells or [self], 'val' if phase == 1 else 'test'
+        self.dir = os.path.join(spec['out'], name, split, *([] if cells else [key]))
+        self.log = os.path.join(self.dir, 'grid.log' if cells else 'train.log')
         self.failed_path = os.path.join(self.dir, 'sweep_failed.txt')
-        self.args = train_args(spec, name, phase, repr(lr), repr(wd), prompts, seed, self.dir)
+        self.args = ['--method', spec['method'], '--arch', spec['arch'], '--pretrain', spec['pretrain'], '--img-size',
+                     str(spec['img_size']), '--data', name, '--eval-split', split, '--lr', str(lr), '--wd', str(wd),
+                     '--seed', str(seed), '--out', self.dir]
+        self.args += ['--prompts', str(prompts)] if prompts is not None else []
+        self.args += ['--weights', spec['weights']] if spec['weights'] else []
+        self.args += (['--data-root', spec['data_root']] if spec['data_root'] else []) + spec['extra']
 
     def result(self):
         path = os.path.join(self.dir, 'result.json')
@@ -208,25 +210,17 @@ class Cell:
                 return json.load(f)
         return None
 
-    def recorded(self):
-        """The configuration recorded in the directory (result.json, else last.pt), or None."""
-        res = self.result()
-        if res is not None:
-            return res['config'], os.path.join(self.dir, 'result.json')
-        ckpt = os.path.join(self.dir, 'last.pt')
-        if os.path.isfile(ckpt):
-            import torch
-            return torch.load(ckpt, map_location='cpu', weights_only=True)['args'], ckpt
-        return None
-
     def check(self):
-        """A SweepError when the directory holds a run of another configuration than this cell's."""
-        rec = self.recorded()
-        if rec is None:
+        """A SweepError when the directory holds a run (result.json, else last.pt) of another configuration."""
+        path, ckpt = os.path.join(self.dir, 'result.json'), os.path.join(self.dir, 'last.pt')
+        if os.path.isfile(path):
+            recorded = self.result()['config']
+        elif os.path.isfile(ckpt):
+            import torch
+            path, recorded = ckpt, torch.load(ckpt, map_location='cpu', weights_only=True)['args']
+        else:
             return
-        recorded, path = rec
-        want = intended_config(self.args)
-        skip = train.RESUME_OVERRIDES | {'device'}
+        want, skip = intended_config(self.args), train.RESUME_OVERRIDES | {'device'}
         diff = [f"--{k.replace('_', '-')} {want[k]!r} (recorded: {recorded.get(k)!r})" for k in sorted(want)
                 if k not in skip and not (k in ('mean', 'std') and want[k] is None) and want[k] != recorded.get(k)]
         if diff:
@@ -234,11 +228,7 @@ class Cell:
                              f"{', '.join(diff)}; use another --out or delete {self.dir}")
 
     def status(self):
-        if self.result() is not None:
-            return 'done'
-        if os.path.isfile(self.failed_path):
-            return 'failed'
-        return 'left'
+        return 'done' if self.result() is not None else 'failed' if os.path.isfile(self.failed_path) else 'left'
 
     def failure(self):
         with open(self.failed_path) as f:
@@ -249,42 +239,173 @@ class Cell:
         return [sys.executable, TRAIN_PY] + self.args + resume
 
 
-def train_args(spec, name, phase, lr, wd, prompts, seed, out):
-    """train.py's flags for a run of this sweep (lr, wd: strings)."""
-    args = ['--method', spec['method'], '--arch', spec['arch'], '--pretrain', spec['pretrain'],
-            '--img-size', str(spec['img_size']), '--data', name, '--eval-split', 'val' if phase == 1 else 'test',
-            '--lr', lr, '--wd', wd, '--seed', str(seed), '--out', out]
-    args += ['--prompts', str(prompts)] if prompts is not None else []
-    args += ['--weights', spec['weights']] if spec['weights'] else []
-    args += ['--data-root', spec['data_root']] if spec['data_root'] else []
-    return args + spec['extra']
+def dataset(spec, name):
+    """(phase-1 cells, phase-2 cells, the chosen (lr, wd, prompts, val accuracy)); no phase 2 before phase 1 ends."""
+    cells = [Cell(spec, name, 1, lr, wd, p, spec['seeds'][0], cell_name(lr, wd, p)) for lr, wd, p in spec['grid']]
+    results = [c.result() for c in cells]
+    if any(r is None for r in results):
+        return cells, [], None
+    best = choose([(c.lr, c.wd, c.prompts, r['accuracy']) for c, r in zip(cells, results)])
+    return cells, [Cell(spec, name, 2, *best[:3], s, f'seed{s}') for s in spec['seeds']], best
 
 
-class LinearGrid:
-    """Phase 1 of `linear` on one dataset as ONE train.py process: train.py trains every (lr, wd) head on one
-    stream of backbone features and writes each cell's ordinary run directory under DIR/<data>/val/."""
-
-    def __init__(self, spec, name, cells):
-        self.data, self.key, self.cells = name, 'grid', cells
-        self.dir = os.path.join(spec['out'], name, 'val')
-        self.log = os.path.join(self.dir, 'grid.log')
-        self.failed_path = os.path.join(self.dir, 'grid_failed.txt')
-        lrs = ','.join(dict.fromkeys(repr(c.lr) for c in cells))
-        wds = ','.join(dict.fromkeys(repr(c.wd) for c in cells))
-        self.args = train_args(spec, name, 1, lrs, wds, None, cells[0].seed, self.dir)
-
-    def command(self):
-        return [sys.executable, TRAIN_PY] + self.args
+def todo(spec, name):
+    """A dataset's unfinished cells, phase 2 once phase 1 is complete; for `linear`, while no grid cell has started,
+    one process for the whole grid (one backbone forward per image; train.py writes each cell's run directory)."""
+    cells, finals, _ = dataset(spec, name)
+    if spec['method'] == 'linear' and len(cells) > 1 and all(
+            c.result() is None and not os.path.exists(os.path.join(c.dir, 'last.pt')) for c in cells):
+        lrs, wds = (','.join(dict.fromkeys(str(getattr(c, k)) for c in cells)) for k in ('lr', 'wd'))
+        return [Cell(spec, name, 1, lrs, wds, None, spec['seeds'][0], 'grid', cells)]
+    return [c for c in cells + finals if c.status() != 'done']
 
 
-def phase1_tasks(spec, name):
-    """The unfinished phase-1 cells of a dataset; for `linear` one LinearGrid when no cell has started yet."""
-    cells = phase1_cells(spec, name)
-    todo = [c for c in cells if c.status() != 'done']
-    fresh = all(c.result() is None and not os.path.exists(os.path.join(c.dir, 'last.pt')) for c in cells)
-    if spec['method'] == 'linear' and len(cells) > 1 and fresh:
-        return [LinearGrid(spec, name, cells)]
-    return todo
+class Launcher:
+    """Runs train.py processes, at most `capacity` at once. --launcher local: subprocesses, the i-th slot pinned to
+    GPU gpus[i % len(gpus)] (--gpus, else every visible GPU). slurm, submitit-local: one submitit job per process,
+    on SLURM or on submitit's local executor (a test of the slurm path)."""
+
+    def __init__(self, args, out):
+        self.executor = None
+        if args.launcher == 'local':
+            gpus = args.gpus if args.gpus is not None else os.environ.get('CUDA_VISIBLE_DEVICES')
+            if gpus is None:
+                import torch
+                gpus = ','.join(str(i) for i in range(torch.cuda.device_count()))
+            self.gpus = [g for g in gpus.split(',') if g]
+            self.capacity = args.jobs or max(len(self.gpus), 1)
+            self.free = list(range(self.capacity))
+        else:
+            import submitit
+            cluster = 'slurm' if args.launcher == 'slurm' else 'local'
+            self.executor = submitit.AutoExecutor(folder=os.path.join(out, 'submitit'), cluster=cluster)
+            slurm = dict(gpus_per_node=args.gpus_per_job, tasks_per_node=1, slurm_partition=args.partition)
+            self.executor.update_parameters(timeout_min=args.time, name='sweep', **{
+                k: v for k, v in slurm.items() if cluster == 'slurm' and v is not None})
+            self.capacity = args.jobs or 10**9
+
+    def start(self, task):
+        if self.executor:  # the job's result: train.py's exit status
+            shell = shlex.join(task.command()) + ' >> ' + shlex.quote(task.log) + ' 2>&1'
+            return self.executor.submit(subprocess.call, ['sh', '-c', shell])
+        slot = self.free.pop(0)
+        env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': self.gpus[slot % len(self.gpus)]} if self.gpus else {}))
+        with open(task.log, 'a') as log:
+            return subprocess.Popen(task.command(), stdout=log, stderr=subprocess.STDOUT, env=env), slot
+
+    def poll(self, handle):  # the exit status, or None while it runs
+        if self.executor:
+            try:
+                return handle.result() if handle.done() else None
+            except Exception:  # the job itself failed (cancelled, out of time); its log is in DIR/submitit
+                return 1
+        rc = handle[0].poll()
+        if rc is not None:
+            self.free.append(handle[1])
+        return rc
+
+    def stop(self, handle):
+        if not self.executor:  # SLURM jobs keep running; the next sweep skips or resumes them
+            handle[0].terminate()
+            handle[0].wait()
+
+
+def hms(seconds):
+    return time.strftime('%H:%M:%S', time.gmtime(seconds)) if seconds is not None else '?'
+
+
+def execute(spec, launcher):
+    """Run every remaining cell, a dataset's phase 2 once its phase 1 is complete; returns the failed cells."""
+    names, chosen, running, failed, durations, t_start = spec['data'], set(), {}, [], [], time.time()
+    n_total = len(names) * (len(spec['grid']) + len(spec['seeds']))
+    queue = [task for name in names if dataset(spec, name)[2] is None for task in todo(spec, name)]  # phase 1
+
+    def counts():
+        done = sum(c.status() == 'done' for name in names for c in sum(dataset(spec, name)[:2], []))
+        n_run = sum(len(task.cells) for task, _, _ in running.values())
+        return done, n_run, len(failed), n_total - done - n_run - len(failed)
+
+    print(f"sweep {spec['out']}: {len(names)} datasets x ({len(spec['grid'])} grid cells + {len(spec['seeds'])} "
+          f"seeds) = {n_total} runs, {counts()[0]} finished before", flush=True)
+    try:
+        while True:
+            busy = {task.data for task, _, _ in running.values()}
+            for name in [n for n in names if n not in chosen | busy]:  # phase 1 complete: phase 2 first in the queue
+                _, finals, best = dataset(spec, name)
+                if best is not None:
+                    chosen.add(name)
+                    print(f"{name}: chose {cell_name(*best[:3])} (val {best[3]:.2f}%)", flush=True)
+                    for cell in finals:
+                        cell.check()
+                    queue[:0] = [c for c in finals if c.status() != 'done']
+            while queue and len(running) < launcher.capacity:
+                task = queue.pop(0)
+                os.makedirs(task.dir, exist_ok=True)
+                for path in [c.failed_path for c in task.cells if os.path.exists(c.failed_path)]:
+                    os.remove(path)  # a failure of an earlier sweep
+                running[task.dir] = (task, launcher.start(task), time.time())
+            if not running:
+                break
+            time.sleep(0.2)
+            for key, (task, handle, t0) in list(running.items()):
+                rc = launcher.poll(handle)
+                if rc is None:
+                    continue
+                del running[key]
+                durations.append(time.time() - t0)
+                for c in task.cells:
+                    res = c.result()
+                    if rc == 0 and res is not None:
+                        what = f"{res['eval_split']} {res['accuracy']:.2f}%"
+                    else:
+                        failed.append(c)
+                        os.makedirs(c.dir, exist_ok=True)
+                        with open(c.failed_path, 'w') as f:
+                            f.write(f"exit status {rc}; log: {task.log}\n")
+                        c.log, what = task.log, f"FAILED (exit status {rc}), log {task.log}"
+                    done, n_run, n_fail, left = counts()
+                    eta = (sum(durations) / len(durations) * (left + n_run / 2) / launcher.capacity
+                           if launcher.capacity < 10**9 else None)
+                    print(f"[{done} done, {n_run} running, {n_fail} failed, {left} left | elapsed "
+                          f"{hms(time.time() - t_start)}, eta {hms(eta)}] {c.data} {c.key}: {what}", flush=True)
+    except KeyboardInterrupt:
+        raise SweepError("interrupted; rerun the same command to continue (finished cells are kept, unfinished "
+                         "ones resume)") from None
+    finally:  # after an error or Ctrl-C, stop the running cells; a rerun resumes them
+        for _, handle, _ in running.values():
+            launcher.stop(handle)
+    print(f"sweep finished in {hms(time.time() - t_start)}; {len(failed)} failed; report in "
+          f"{spec['out']}/results.md", flush=True)
+    return failed
+
+
+def dry_run(spec):
+    """Runs and image passes per phase, from train.py's resolved --epochs and --eval-every, beside VPT's protocol."""
+    val_cfg, test_cfg = (intended_config(Cell(spec, 'digits', phase, *spec['grid'][0], 0, '').args)
+                         for phase in (1, 2))
+    epochs, every = val_cfg['epochs'], test_cfg['eval_every']
+    cells, seeds = len(spec['grid']), len(spec['seeds'])
+
+    def passes(train_images, eval_images, eval_every):  # evaluated every eval_every epochs and after the last
+        return train_images * epochs + eval_images * -(-epochs // eval_every)
+
+    p1 = p2 = vpt = 0
+    for name in spec['data']:
+        tune, val, final, test = SPLITS[name]
+        if spec['method'] == 'linear' and cells > 1:  # one process, one backbone forward per image for all cells
+            p1 += tune + val if name not in data.FGVC else passes(tune, val, val_cfg['eval_every'])
+        else:
+            p1 += cells * passes(tune, val, val_cfg['eval_every'])
+        p2 += seeds * passes(final, test, every)
+        vpt += cells * passes(tune, val, 1) + seeds * passes(final, test, 1)
+    n = len(spec['data'])
+    print(f"{spec['method']} on {n} datasets, {epochs} epochs per run (image passes = training images x epochs + "
+          f"evaluated images):")
+    print(f"  phase 1 (grid on val):   {n * cells:6d} runs  {p1:15,d} image passes")
+    print(f"  phase 2 (seeds on test): {n * seeds:6d} runs  {p2:15,d} image passes (test evaluated "
+          f"{'once per run' if every >= epochs else f'every {every} epochs'})")
+    print(f"  total:                   {n * (cells + seeds):6d} runs  {p1 + p2:15,d} image passes; VPT's protocol "
+          f"(test every epoch): {vpt:,d}, ours / VPT's = {(p1 + p2) / vpt:.2f}")
 
 
 def load_spec(out):
@@ -293,227 +414,6 @@ def load_spec(out):
         raise SweepError(f"{path} not found: --report needs a directory written by sweep.py")
     with open(path) as f:
         return json.load(f)
-
-
-def phase1_cells(spec, name):
-    return [Cell(spec, name, 1, lr, wd, p, spec['seeds'][0], cell_name(lr, wd, p)) for lr, wd, p in spec['grid']]
-
-
-def chosen_of(spec, name):
-    """(lr, wd, prompts, val accuracy) of the chosen cell, or None while phase 1 is not complete."""
-    cells = phase1_cells(spec, name)
-    results = [c.result() for c in cells]
-    if any(r is None for r in results):
-        return None
-    return choose([(c.lr, c.wd, c.prompts, r['accuracy']) for c, r in zip(cells, results)])
-
-
-def phase2_cells(spec, name):
-    best = chosen_of(spec, name)
-    if best is None:
-        return []
-    return [Cell(spec, name, 2, best[0], best[1], best[2], s, f'seed{s}') for s in spec['seeds']]
-
-
-# -----------------------------------------------------------------------------
-# running the cells
-
-
-def run_command(cmd, log):
-    """Run one train.py command with its output appended to `log`; returns the exit status (also in SLURM)."""
-    with open(log, 'a') as f:
-        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
-
-
-class LocalLauncher:
-    """Subprocesses, at most `jobs` at once, the i-th slot pinned to GPU gpus[i % len(gpus)]."""
-
-    def __init__(self, jobs, gpus):
-        self.gpus, self.capacity, self.free = gpus, jobs, list(range(jobs))
-
-    def start(self, cell):
-        slot = self.free.pop(0)
-        env = dict(os.environ)
-        if self.gpus:
-            env['CUDA_VISIBLE_DEVICES'] = str(self.gpus[slot % len(self.gpus)])
-        log = open(cell.log, 'a')
-        proc = subprocess.Popen(cell.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
-        return (proc, slot)
-
-    def poll(self, handle):
-        rc = handle[0].poll()
-        if rc is not None:
-            self.free.append(handle[1])
-        return rc
-
-    def stop(self, handle):
-        handle[0].terminate()
-        handle[0].wait()
-
-
-class SubmititLauncher:
-    """One submitit job per cell: SLURM (--launcher slurm) or submitit's local executor (submitit-local)."""
-
-    def __init__(self, args, out):
-        import submitit
-        cluster = 'slurm' if args.launcher == 'slurm' else 'local'
-        self.executor = submitit.AutoExecutor(folder=os.path.join(out, 'submitit'), cluster=cluster)
-        params = dict(timeout_min=args.time, name='sweep')
-        if cluster == 'slurm':
-            params.update(gpus_per_node=args.gpus_per_job, tasks_per_node=1, slurm_partition=args.partition)
-        self.executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
-        self.capacity = args.jobs or 10**9
-
-    def start(self, cell):
-        return self.executor.submit(run_command, cell.command(), cell.log)
-
-    def poll(self, job):
-        if not job.done():
-            return None
-        try:
-            return job.result()
-        except Exception:  # the job itself failed (e.g. cancelled, out of time); its log is in the submitit folder
-            return 1
-
-    def stop(self, job):
-        pass  # SLURM jobs keep running; the next sweep skips or resumes them
-
-
-def visible_gpus(arg):
-    if arg is not None:
-        return [g for g in arg.split(',') if g != '']
-    env = os.environ.get('CUDA_VISIBLE_DEVICES')
-    if env is not None:
-        return [g for g in env.split(',') if g != '']
-    import torch
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def hms(seconds):
-    return time.strftime('%H:%M:%S', time.gmtime(seconds)) if seconds is not None else '?'
-
-
-def execute(spec, launcher):
-    """Run every remaining cell; phase 2 of a dataset starts once its phase 1 is complete.
-    Returns the failed cells."""
-    names = spec['data']
-    n_total = len(names) * (len(spec['grid']) + len(spec['seeds']))
-    started_p2, running, failed, durations = set(), {}, [], []
-    queue = [task for name in names for task in phase1_tasks(spec, name)]
-    t_start = time.time()
-
-    def counts():
-        done = sum(1 for name in names for c in phase1_cells(spec, name) + phase2_cells(spec, name)
-                   if c.status() == 'done')
-        n_run = sum(len(getattr(task, 'cells', [task])) for task, _, _ in running.values())
-        return done, n_run, len(failed), n_total - done - n_run - len(failed)
-
-    n_done_before = counts()[0]
-
-    print(f"sweep {spec['out']}: {len(names)} datasets x ({len(spec['grid'])} grid cells + {len(spec['seeds'])} "
-          f"seeds) = {n_total} runs, {n_done_before} finished before", flush=True)
-    try:
-        while True:
-            busy = {cell.data for cell, _, _ in running.values()}
-            for name in names:  # a dataset whose phase 1 is complete: queue its final runs (first in the queue)
-                if name not in started_p2 and name not in busy and chosen_of(spec, name) is not None:
-                    started_p2.add(name)
-                    lr, wd, p, acc = chosen_of(spec, name)
-                    print(f"{name}: chose {cell_name(lr, wd, p)} (val {acc:.2f}%)", flush=True)
-                    for cell in reversed(phase2_cells(spec, name)):
-                        cell.check()
-                        if cell.status() != 'done':
-                            queue.insert(0, cell)
-            while queue and len(running) < launcher.capacity:
-                cell = queue.pop(0)
-                os.makedirs(cell.dir, exist_ok=True)
-                if os.path.exists(cell.failed_path):
-                    os.remove(cell.failed_path)
-                running[cell.dir] = (cell, launcher.start(cell), time.time())
-            if not running:
-                break
-            time.sleep(0.2)
-            for key, (cell, handle, t0) in list(running.items()):
-                rc = launcher.poll(handle)
-                if rc is None:
-                    continue
-                del running[key]
-                durations.append(time.time() - t0)
-                for c in getattr(cell, 'cells', [cell]):  # a LinearGrid reports each of its cells
-                    res = c.result()
-                    if rc == 0 and res is not None:
-                        what = f"{res['eval_split']} {res['accuracy']:.2f}%"
-                    else:
-                        failed.append(c)
-                        os.makedirs(c.dir, exist_ok=True)
-                        with open(c.failed_path, 'w') as f:
-                            f.write(f"exit status {rc}; log: {cell.log}\n")
-                        c.log = cell.log
-                        what = f"FAILED (exit status {rc}), log {cell.log}"
-                    done, n_run, n_fail, left = counts()
-                    eta = (sum(durations) / len(durations) * (left + n_run / 2) / launcher.capacity
-                           if launcher.capacity < 10**9 else None)
-                    print(f"[{done} done, {n_run} running, {n_fail} failed, {left} left | elapsed "
-                          f"{hms(time.time() - t_start)}, eta {hms(eta)}] {c.data} {c.key}: {what}", flush=True)
-    except (KeyboardInterrupt, SweepError) as e:  # stop the running cells; a rerun resumes them
-        for cell, handle, _ in running.values():
-            launcher.stop(handle)
-        if isinstance(e, SweepError):
-            raise
-        raise SweepError("interrupted; rerun the same command to continue (finished cells are kept, unfinished "
-                         "ones resume)") from None
-    return failed
-
-
-def print_commands(spec):
-    for name in spec['data']:
-        tasks = phase1_tasks(spec, name) + [c for c in phase2_cells(spec, name) if c.status() != 'done']
-        for task in tasks:
-            os.makedirs(task.dir, exist_ok=True)
-            print(shlex.join(task.command()) + ' > ' + shlex.quote(task.log) + ' 2>&1')
-
-
-# -----------------------------------------------------------------------------
-# cost in image passes (--dry-run)
-
-
-def passes(train_images, eval_images, epochs, eval_every):
-    """Images pushed through the model by one run: training images x epochs + evaluated images."""
-    evaluations = sum(1 for e in range(1, epochs + 1) if e % eval_every == 0 or e == epochs)
-    return train_images * epochs + eval_images * evaluations
-
-
-def dry_run(spec):
-    """Runs and image passes per phase, from the split sizes and train.py's resolved --epochs / --eval-every."""
-    lr, wd, p = spec['grid'][0]
-    val_cfg = intended_config(Cell(spec, 'digits', 1, lr, wd, p, 0, '').args)
-    test_cfg = intended_config(Cell(spec, 'digits', 2, lr, wd, p, 0, '').args)
-    epochs, every = val_cfg['epochs'], test_cfg['eval_every']
-    cells, seeds = len(spec['grid']), len(spec['seeds'])
-    p1 = p2 = vpt1 = vpt2 = 0
-    for name in spec['data']:
-        tune, val, final, test = SPLITS[name]
-        if spec['method'] == 'linear' and cells > 1:  # one process, one backbone forward per image for all cells
-            p1 += tune + val if name not in data.FGVC else passes(tune, val, epochs, val_cfg['eval_every'])
-        else:
-            p1 += cells * passes(tune, val, epochs, val_cfg['eval_every'])
-        p2 += seeds * passes(final, test, epochs, every)
-        vpt2 += seeds * passes(final, test, epochs, 1)  # VPT evaluates the test set every epoch
-        vpt1 += cells * passes(tune, val, epochs, 1)  # and runs every cell on its own
-    n = len(spec['data'])
-    print(f"{spec['method']} on {n} datasets, {epochs} epochs per run (image passes = training images x epochs + "
-          f"evaluated images):")
-    print(f"  phase 1 (grid on val):   {n * cells:6d} runs  {p1:15,d} image passes")
-    print(f"  phase 2 (seeds on test): {n * seeds:6d} runs  {p2:15,d} image passes (test evaluated "
-          f"{'once per run' if every >= epochs else f'every {every} epochs'})")
-    print(f"  total:                   {n * (cells + seeds):6d} runs  {p1 + p2:15,d} image passes; VPT's protocol "
-          f"(test every epoch): {vpt1 + vpt2:,d}, ours / VPT's = {(p1 + p2) / (vpt1 + vpt2):.2f}")
-    return dict(runs=n * (cells + seeds), phase1=p1, phase2=p2, vpt=vpt1 + vpt2)
-
-
-# -----------------------------------------------------------------------------
-# the report
 
 
 def mean_or_none(values):
@@ -526,9 +426,8 @@ def report(out):
     source, paper = PAPERS.get((spec['method'], spec['pretrain']), (None, {}))
     rows = []
     for name in spec['data']:
-        cells = phase1_cells(spec, name)
+        cells, finals, best = dataset(spec, name)
         statuses = [c.status() for c in cells]
-        best = chosen_of(spec, name)
         row = dict(data=name, lr=None, wd=None, prompts=None, val_accuracy=None, seeds=[], test_accuracies=[],
                    mean=None, std=None, n=0, tuned_params=None, paper=paper.get(name), delta=None)
         if best is None:
@@ -538,7 +437,7 @@ def report(out):
         else:
             row.update(lr=best[0], wd=best[1], prompts=best[2], val_accuracy=best[3])
             done = []
-            for cell in phase2_cells(spec, name):
+            for cell in finals:
                 res = cell.result()
                 if res is not None:
                     done.append((cell.seed, res))
@@ -548,7 +447,7 @@ def report(out):
             row['mean'] = mean_or_none(row['test_accuracies'])
             row['std'] = statistics.stdev(row['test_accuracies']) if len(done) >= 2 else None
             row['tuned_params'] = (done[0][1] if done else cells[0].result())['tuned_params']
-            failed = [c.failure() for c in phase2_cells(spec, name) if c.status() == 'failed']
+            failed = [c.failure() for c in finals if c.status() == 'failed']
             row['status'] = (f"{len(done)} of {len(spec['seeds'])} seeds done"
                              + (f", {len(failed)} failed ({'; '.join(failed)})" if failed else ''))
         if row['mean'] is not None and row['paper'] is not None:
@@ -671,8 +570,6 @@ def results_png(spec, rows, source, path):
     plt.close(fig)
 
 
-# -----------------------------------------------------------------------------
-
 
 def main(argv):
     args, extra = parse_args(argv)
@@ -684,27 +581,22 @@ def main(argv):
     spec = dict(method=args.method, pretrain=args.pretrain, arch=args.arch, img_size=args.img_size,
                 weights=os.path.abspath(args.weights) if args.weights else None, data_root=args.data_root,
                 data=names, grid=grid_of(args, extra), seeds=args.seeds, extra=extra, out=out)
-    for cell in phase1_cells(spec, names[0]):  # train.py's own check of every cell's flags, before anything runs
+    for cell in dataset(spec, names[0])[0]:  # train.py's own check of every cell's flags, before anything runs
         intended_config(cell.args)
     if args.dry_run:
         dry_run(spec)
         return 0
-    for name in names:  # every existing cell directory must hold this sweep's configuration
-        for cell in phase1_cells(spec, name) + phase2_cells(spec, name):
+    for name in names:  # every existing cell directory (both phases) must hold this sweep's configuration
+        for cell in sum(dataset(spec, name)[:2], []):
             cell.check()
     os.makedirs(out, exist_ok=True)
     train.atomic_json(spec, os.path.join(out, 'sweep.json'))
-    if args.print_commands:
-        print_commands(spec)
+    if args.print_commands:  # phase 2 appears once a dataset's phase 1 has finished
+        for task in (t for name in names for t in todo(spec, name)):
+            os.makedirs(task.dir, exist_ok=True)
+            print(shlex.join(task.command()) + ' > ' + shlex.quote(task.log) + ' 2>&1')
         return 0
-    if args.launcher == 'local':
-        gpus = visible_gpus(args.gpus)
-        launcher = LocalLauncher(args.jobs or max(len(gpus), 1), gpus)
-    else:
-        launcher = SubmititLauncher(args, out)
-    t0 = time.time()
-    failed = execute(spec, launcher)
-    print(f"sweep finished in {hms(time.time() - t0)}; {len(failed)} failed; report in {out}/results.md", flush=True)
+    failed = execute(spec, Launcher(args, out))
     report(out)
     for cell in failed:
         print(f"error: {cell.data} {cell.key} failed; see {cell.log}", file=sys.stderr)
