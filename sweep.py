@@ -322,7 +322,7 @@ def execute(spec, launcher):
 
     def counts():
         done = sum(c.status() == 'done' for name in names for c in sum(dataset(spec, name)[:2], []))
-        n_run = sum(len(task.cells) for task, _, _ in running.values())
+        n_run = sum(c.status() != 'done' for task, _, _ in running.values() for c in task.cells)  # not yet polled
         return done, n_run, len(failed), n_total - done - n_run - len(failed)
 
     print(f"sweep {spec['out']}: {len(names)} datasets x ({len(spec['grid'])} grid cells + {len(spec['seeds'])} "
