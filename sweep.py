@@ -310,10 +310,6 @@ class Launcher:
             handle[0].wait()
 
 
-def hms(seconds):
-    return time.strftime('%H:%M:%S', time.gmtime(seconds)) if seconds is not None else '?'
-
-
 def execute(spec, launcher):
     """Run every remaining cell, a dataset's phase 2 once its phase 1 is complete; returns the failed cells."""
     names, chosen, running, failed, durations, t_start = spec['data'], set(), {}, [], [], time.time()
@@ -364,17 +360,17 @@ def execute(spec, launcher):
                             f.write(f"exit status {rc}; log: {task.log}\n")
                         c.log, what = task.log, f"FAILED (exit status {rc}), log {task.log}"
                     done, n_run, n_fail, left = counts()
-                    eta = (sum(durations) / len(durations) * (left + n_run / 2) / launcher.capacity
-                           if launcher.capacity < 10**9 else None)
+                    eta = ('?' if launcher.capacity == 10**9 else  # SLURM: all at once, no ETA
+                           train.duration(sum(durations) / len(durations) * (left + n_run / 2) / launcher.capacity))
                     print(f"[{done} done, {n_run} running, {n_fail} failed, {left} left | elapsed "
-                          f"{hms(time.time() - t_start)}, eta {hms(eta)}] {c.data} {c.key}: {what}", flush=True)
+                          f"{train.duration(time.time() - t_start)}, eta {eta}] {c.data} {c.key}: {what}", flush=True)
     except KeyboardInterrupt:
         raise SweepError("interrupted; rerun the same command to continue (finished cells are kept, unfinished "
                          "ones resume)") from None
     finally:  # after an error or Ctrl-C, stop the running cells; a rerun resumes them
         for _, handle, _ in running.values():
             launcher.stop(handle)
-    print(f"sweep finished in {hms(time.time() - t_start)}; {len(failed)} failed; report in "
+    print(f"sweep finished in {train.duration(time.time() - t_start)}; {len(failed)} failed; report in "
           f"{spec['out']}/results.md", flush=True)
     return failed
 
