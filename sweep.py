@@ -404,167 +404,120 @@ def dry_run(spec):
           f"(test every epoch): {vpt:,d}, ours / VPT's = {(p1 + p2) / vpt:.2f}")
 
 
-def load_spec(out):
-    path = os.path.join(out, 'sweep.json')
-    if not os.path.isfile(path):
-        raise SweepError(f"{path} not found: --report needs a directory written by sweep.py")
-    with open(path) as f:
-        return json.load(f)
-
-
 def mean_or_none(values):
     return sum(values) / len(values) if values and all(v is not None for v in values) else None
 
 
-def report(out):
-    """DIR/results.{md,csv,json,png} and DIR/<data>/grid.png from whatever has finished; returns the json dict."""
-    spec = load_spec(out)
-    source, paper = PAPERS.get((spec['method'], spec['pretrain']), (None, {}))
-    rows = []
-    for name in spec['data']:
-        cells, finals, best = dataset(spec, name)
-        statuses = [c.status() for c in cells]
-        row = dict(data=name, lr=None, wd=None, prompts=None, val_accuracy=None, seeds=[], test_accuracies=[],
-                   mean=None, std=None, n=0, tuned_params=None, paper=paper.get(name), delta=None)
-        if best is None:
-            failed = [c.failure() for c, s in zip(cells, statuses) if s == 'failed']
-            row['status'] = (f"phase 1: {statuses.count('done')} of {len(cells)} cells done"
-                             + (f", {len(failed)} failed ({'; '.join(failed)})" if failed else ''))
-        else:
-            row.update(lr=best[0], wd=best[1], prompts=best[2], val_accuracy=best[3])
-            done = []
-            for cell in finals:
-                res = cell.result()
-                if res is not None:
-                    done.append((cell.seed, res))
-            row['seeds'] = [s for s, _ in done]
-            row['test_accuracies'] = [r['accuracy'] for _, r in done]
-            row['n'] = len(done)
-            row['mean'] = mean_or_none(row['test_accuracies'])
-            row['std'] = statistics.stdev(row['test_accuracies']) if len(done) >= 2 else None
-            row['tuned_params'] = (done[0][1] if done else cells[0].result())['tuned_params']
-            failed = [c.failure() for c in finals if c.status() == 'failed']
-            row['status'] = (f"{len(done)} of {len(spec['seeds'])} seeds done"
-                             + (f", {len(failed)} failed ({'; '.join(failed)})" if failed else ''))
-        if row['mean'] is not None and row['paper'] is not None:
-            row['delta'] = row['mean'] - row['paper']
-        rows.append(row)
-        grid_png(spec, name, cells, best)
-    means = {r['data']: r['mean'] for r in rows}
-    groups = {}
-    for g, members in SUITES.items():
-        if all(m in means for m in members):
-            groups[g] = mean_or_none([means[m] for m in members])
-    result = dict(method=spec['method'], pretrain=spec['pretrain'], paper_source=source, rows=rows, groups=groups,
-                  paper_groups={g: paper.get(g) for g in groups})
-    train.atomic_json(result, os.path.join(out, 'results.json'))
-    write_csv(rows, os.path.join(out, 'results.csv'))
-    md = markdown(spec, result)
-    with open(os.path.join(out, 'results.md'), 'w') as f:
-        f.write(md)
-    results_png(spec, rows, source, os.path.join(out, 'results.png'))
-    print(md, end='')
-    return result
+def tally(cells, unit):
+    """'N of M <unit> done[, K failed (exit status and log of each)]'."""
+    failed = [c.failure() for c in cells if c.status() == 'failed']
+    done = sum(c.status() == 'done' for c in cells)
+    return f"{done} of {len(cells)} {unit} done" + (f", {len(failed)} failed ({'; '.join(failed)})" if failed else '')
 
 
 def fmt(v, spec='.2f'):
     return '—' if v is None else format(v, spec)
 
 
-def prompts_shown(spec, row):
-    if row['prompts'] is None:
-        return '—' if row['lr'] is None or spec['method'] in ('linear', 'full') else "method's"
-    return str(row['prompts'])
-
-
-def markdown(spec, result):
-    src = f" ({result['paper_source']})" if result['paper_source'] else ' (no published number for this pair)'
-    lines = [f"# {spec['method']}, {spec['pretrain']} ({spec['arch']})", '',
-             f"Grid of {len(spec['grid'])} cells on val, then {len(spec['seeds'])} seeds "
-             f"({','.join(map(str, spec['seeds']))}) on test; top-1 %, final epoch; paper{src}.", '',
-             '| data | lr | wd | prompts | val | test mean ± std | n | tuned params | paper | Δ | status |',
-             '|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|']
-    for r in result['rows']:
+def report(out):
+    """DIR/results.{md,csv,json,png} and DIR/<data>/grid.png from whatever has finished; returns the json dict."""
+    path = os.path.join(out, 'sweep.json')
+    if not os.path.isfile(path):
+        raise SweepError(f"{path} not found: --report needs a directory written by sweep.py")
+    with open(path) as f:
+        spec = json.load(f)
+    source, paper = PAPERS.get((spec['method'], spec['pretrain']), (None, {}))
+    rows = []
+    for name in spec['data']:
+        cells, finals, best = dataset(spec, name)
+        row = dict(data=name, lr=None, wd=None, prompts=None, val_accuracy=None, seeds=[], test_accuracies=[],
+                   mean=None, std=None, n=0, tuned_params=None, paper=paper.get(name), delta=None,
+                   status='phase 1: ' + tally(cells, 'cells'))
+        if best is not None:
+            done = [(c.seed, c.result()) for c in finals if c.result() is not None]
+            accs = [r['accuracy'] for _, r in done]
+            row.update(lr=best[0], wd=best[1], prompts=best[2], val_accuracy=best[3], seeds=[s for s, _ in done],
+                       test_accuracies=accs, n=len(done), mean=mean_or_none(accs),
+                       std=statistics.stdev(accs) if len(done) >= 2 else None, status=tally(finals, 'seeds'),
+                       tuned_params=(done[0][1] if done else cells[0].result())['tuned_params'])
+        if row['mean'] is not None and row['paper'] is not None:
+            row['delta'] = row['mean'] - row['paper']
+        rows.append(row)
+    means = {r['data']: r['mean'] for r in rows}
+    groups = {g: mean_or_none([means[m] for m in members]) for g, members in SUITES.items()
+              if all(m in means for m in members)}
+    result = dict(method=spec['method'], pretrain=spec['pretrain'], paper_source=source, rows=rows, groups=groups,
+                  paper_groups={g: paper.get(g) for g in groups})
+    train.atomic_json(result, os.path.join(out, 'results.json'))
+    with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
+        csv.writer(f).writerows([list(rows[0])] + [
+            [';'.join(map(str, v)) if isinstance(v, list) else '' if v is None else v for v in r.values()]
+            for r in rows])
+    src = f" ({source})" if source else ' (no published number for this pair)'
+    md = [f"# {spec['method']}, {spec['pretrain']} ({spec['arch']})", '',
+          f"Grid of {len(spec['grid'])} cells on val, then {len(spec['seeds'])} seeds "
+          f"({','.join(map(str, spec['seeds']))}) on test; top-1 %, final epoch; paper{src}.", '',
+          '| data | lr | wd | prompts | val | test mean ± std | n | tuned params | paper | Δ | status |',
+          '|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|']
+    for r in rows:
         test = '—' if r['mean'] is None else fmt(r['mean']) + ('' if r['std'] is None else f" ± {r['std']:.2f}")
-        lines.append(f"| {r['data']} | {fmt(r['lr'], 'g')} | {fmt(r['wd'], 'g')} | "
-                     f"{prompts_shown(spec, r)} | "
-                     f"{fmt(r['val_accuracy'])} | {test} | {r['n']} | {fmt(r['tuned_params'], ',d')} | "
-                     f"{fmt(r['paper'])} | {fmt(r['delta'], '+.2f')} | {r['status']} |")
-    if result['groups']:
-        lines += ['', '| group | ours | paper | Δ |', '|---|--:|--:|--:|']
-        for g, v in result['groups'].items():
-            p = result['paper_groups'][g]
+        prompts = (str(r['prompts']) if r['prompts'] is not None else
+                   '—' if r['lr'] is None or spec['method'] in ('linear', 'full') else "method's")
+        md.append(f"| {r['data']} | {fmt(r['lr'], 'g')} | {fmt(r['wd'], 'g')} | {prompts} | "
+                  f"{fmt(r['val_accuracy'])} | {test} | {r['n']} | {fmt(r['tuned_params'], ',d')} | "
+                  f"{fmt(r['paper'])} | {fmt(r['delta'], '+.2f')} | {r['status']} |")
+    if groups:
+        md += ['', '| group | ours | paper | Δ |', '|---|--:|--:|--:|']
+        for g, v in groups.items():
+            p = paper.get(g)
             d = v - p if v is not None and p is not None else None
-            lines.append(f"| {GROUP_NAMES[g]} | {fmt(v)} | {fmt(p)} | {fmt(d, '+.2f')} |")
-    return '\n'.join(lines) + '\n'
+            md.append(f"| {GROUP_NAMES[g]} | {fmt(v)} | {fmt(p)} | {fmt(d, '+.2f')} |")
+    with open(os.path.join(out, 'results.md'), 'w') as f:
+        f.write('\n'.join(md) + '\n')
+    plots(spec, rows, source)
+    print('\n'.join(md))
+    return result
 
 
-def write_csv(rows, path):
-    keys = ['data', 'lr', 'wd', 'prompts', 'val_accuracy', 'seeds', 'test_accuracies', 'mean', 'std', 'n',
-            'tuned_params', 'paper', 'delta', 'status']
-    with open(path, 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(keys)
-        for r in rows:
-            w.writerow([';'.join(map(str, r[k])) if isinstance(r[k], list) else '' if r[k] is None else r[k]
-                        for k in keys])
-
-
-def grid_png(spec, name, cells, best):
-    """Val accuracy over the grid: one heatmap (lr x wd) per prompt length, values in the cells, chosen marked."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    lrs = sorted({c.lr for c in cells})
-    wds = sorted({c.wd for c in cells})
-    prompts = sorted({c.prompts for c in cells}, key=lambda p: -1 if p is None else p)
-    fig, axes = plt.subplots(1, len(prompts), figsize=(1.2 + 1.1 * len(wds) * len(prompts), 1 + 0.45 * len(lrs)),
-                             squeeze=False)
-    for ax, p in zip(axes[0], prompts):
-        acc = [[math.nan] * len(wds) for _ in lrs]
-        for c in cells:
-            if c.prompts == p and c.result() is not None:
-                acc[lrs.index(c.lr)][wds.index(c.wd)] = c.result()['accuracy']
-        ax.imshow(acc, cmap='viridis', aspect='auto', vmin=0, vmax=100)
-        for i, row in enumerate(acc):
-            for j, v in enumerate(row):
-                chosen = best is not None and (lrs[i], wds[j], p) == best[:3]
+def plots(spec, rows, source):
+    """DIR/<data>/grid.png: val accuracy over the grid, one lr x wd heatmap per prompt length, the chosen cell
+    marked; DIR/results.png: ours (mean ± std over the seeds) beside the paper, per dataset."""
+    from matplotlib.figure import Figure  # without pyplot: no GUI backend, no figure to close
+    from matplotlib.patches import Rectangle
+    for r in rows:
+        cells = dataset(spec, r['data'])[0]
+        lrs, wds = sorted({c.lr for c in cells}), sorted({c.wd for c in cells})
+        prompts = sorted({c.prompts for c in cells}, key=lambda p: -1 if p is None else p)
+        fig = Figure(figsize=(1.2 + 1.1 * len(wds) * len(prompts), 1 + 0.45 * len(lrs)), layout='tight')
+        for ax, p in zip(fig.subplots(1, len(prompts), squeeze=False)[0], prompts):
+            acc = [[math.nan] * len(wds) for _ in lrs]
+            for c in cells:
+                if c.prompts == p and c.result() is not None:
+                    acc[lrs.index(c.lr)][wds.index(c.wd)] = c.result()['accuracy']
+            ax.imshow(acc, cmap='viridis', aspect='auto', vmin=0, vmax=100)
+            for i, j in ((i, j) for i in range(len(lrs)) for j in range(len(wds))):
+                v, chosen = acc[i][j], r['lr'] is not None and (lrs[i], wds[j], p) == (r['lr'], r['wd'], r['prompts'])
                 ax.text(j, i, ('—' if math.isnan(v) else f"{v:.1f}") + (' *' if chosen else ''), ha='center',
                         va='center', color='white' if math.isnan(v) or v < 60 else 'black', fontsize=8,
                         fontweight='bold' if chosen else 'normal')
                 if chosen:
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor='red', lw=2))
-        ax.set_xticks(range(len(wds)), [f"{w:g}" for w in wds])
-        ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs])
-        ax.set_xlabel('weight decay')
-        ax.set_ylabel('lr')
-        ax.set_title(f"{name} val %" + ('' if p is None else f", {p} prompts"), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(spec['out'], name, 'grid.png'), dpi=100)
-    plt.close(fig)
-
-
-def results_png(spec, rows, source, path):
-    """Ours (mean ± std over the seeds) vs the paper, per dataset."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor='red', lw=2))
+            ax.set(xticks=range(len(wds)), xticklabels=[f"{w:g}" for w in wds], xlabel='weight decay',
+                   yticks=range(len(lrs)), yticklabels=[f"{v:g}" for v in lrs], ylabel='lr')
+            ax.set_title(f"{r['data']} val %" + ('' if p is None else f", {p} prompts"), fontsize=9)
+        fig.savefig(os.path.join(spec['out'], r['data'], 'grid.png'), dpi=100)
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(3.5, 1.5 + 0.6 * len(rows)), 3.5))
-    ours = [math.nan if r['mean'] is None else r['mean'] for r in rows]
-    err = [0 if r['std'] is None else r['std'] for r in rows]
-    ax.bar([i - 0.2 for i in x], ours, 0.4, yerr=err, label='ours (mean ± std)')
+    fig = Figure(figsize=(max(3.5, 1.5 + 0.6 * len(rows)), 3.5), layout='tight')
+    ax = fig.subplots()
+    ax.bar([i - 0.2 for i in x], [math.nan if r['mean'] is None else r['mean'] for r in rows], 0.4,
+           yerr=[r['std'] or 0 for r in rows], label='ours (mean ± std)')
     ax.bar([i + 0.2 for i in x], [math.nan if r['paper'] is None else r['paper'] for r in rows], 0.4,
            label=f"paper ({source})" if source else 'paper')
     ax.set_xticks(list(x), [r['data'] for r in rows], rotation=45, ha='right', fontsize=8)
-    ax.set_ylabel('test top-1 %')
+    ax.set(ylabel='test top-1 %', ylim=(0, 100))
     ax.set_title(f"{spec['method']}, {spec['pretrain']}", fontsize=9)
-    ax.set_ylim(0, 100)
     ax.legend(fontsize=8, loc='lower center', bbox_to_anchor=(0.5, 1.1), ncol=2, frameon=False)  # above the bars
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
+    fig.savefig(os.path.join(spec['out'], 'results.png'), dpi=100)
 
 
 def main(argv):
