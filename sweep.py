@@ -425,7 +425,7 @@ def report(out):
     if not os.path.isfile(path):
         raise SweepError(f"{path} not found: --report needs a directory written by sweep.py")
     with open(path) as f:
-        spec = json.load(f)
+        spec = dict(json.load(f), out=out)
     source, paper = PAPERS.get((spec['method'], spec['pretrain']), (None, {}))
     rows = []
     for name in spec['data']:
