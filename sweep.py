@@ -1,29 +1,18 @@
 """
-From runs to a paper's table: the lr x wd (x prompts) search on val, the seeded final runs on test, and the
-table beside the papers' numbers. VPT's protocol (KMnP/vpt tune_vtab.py, tune_fgvc.py), without its costs.
+From runs to a paper's table with VPT's protocol (KMnP/vpt tune_vtab.py, tune_fgvc.py), without its costs: the
+lr x wd (x prompts) grid trained on the tuning split and scored on val into DIR/<data>/val/<cell>/ (the test files
+never opened), the best cell retrained for every seed into DIR/<data>/test/seed<s>/ (the test set evaluated once,
+after the last epoch), and the mean +- sample std over the seeds beside the paper's number in
+DIR/results.{md,csv,json,png} and DIR/<data>/grid.png. README, "Reproduce a table", has the details.
 
     python sweep.py --method vpt --pretrain in21k --data vtab                     # 19 tasks, VPT's grid
-    python sweep.py --method linear --pretrain mae --weights mae.pth --data fgvc --jobs 8
     python sweep.py --method vpt --data cub --print-commands > cmds.txt            # for any scheduler
     python sweep.py --method vpt --data fgvc --launcher slurm --partition gpu      # SLURM through submitit
     python sweep.py --report sweeps/vpt-in21k-fgvc                                 # the table of what finished
-    python sweep.py --method vpt --data vtab --dry-run                             # runs and image passes
 
-The protocol, per dataset:
-  phase 1  every grid cell trains on the tuning split and is scored on val (train.py --eval-split val; VTAB
-           train800 -> val200, FGVC train -> val) into DIR/<data>/val/<cell>/. The test files are never opened.
-  select   the best last-epoch val top-1; ties go to the smaller lr, then the smaller wd, then fewer prompts
-           (KMnP/vpt tune_vtab.py picks the first best in its sorted lr list).
-  phase 2  the chosen cell is retrained for every seed with --eval-split test (VTAB train800val200, FGVC
-           train) into DIR/<data>/test/seed<s>/, and the test set is evaluated once, after the last epoch.
-  report   mean +- sample std (ddof 1) over the seeds, beside the paper's number: DIR/results.{md,csv,json,png}
-           and DIR/<data>/grid.png.
-
-Every cell is an ordinary train.py run directory, so the report only reads directories: it does not matter
-whether this script, a scheduler fed by --print-commands, or SLURM ran the cells. Rerunning the same command
-skips finished cells and resumes unfinished ones (train.py --resume); a cell directory recorded with another
-configuration is an error, never reused. What VPT's scripts do and this one avoids: one serial process per
-grid (with SLURM assumed), the test set evaluated every epoch of every final run, tables regex-parsed from logs.
+Every cell is an ordinary train.py run directory, so the report only reads directories, whoever ran the cells.
+Rerunning the same command skips finished cells and resumes unfinished ones; a cell directory recorded with
+another configuration is an error, never reused.
 """
 
 import argparse
@@ -42,21 +31,18 @@ import linear_grid
 import runs
 import train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TRAIN_PY = os.path.join(HERE, 'train.py')
-
-# -----------------------------------------------------------------------------
-# suites, grids, seeds
-
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+# VTAB-1k's groups, each task with its test set size for --dry-run (the full official test set: tfds, as NOAH's
+# get_vtab1k.py writes it; train800 / val200 / train800val200 for every task)
 VTAB_GROUPS = {
-    'vtab-natural': ['cifar', 'caltech101', 'dtd', 'oxford_flowers102', 'oxford_iiit_pet', 'svhn', 'sun397'],
-    'vtab-specialized': ['patch_camelyon', 'eurosat', 'resisc45', 'diabetic_retinopathy'],
-    'vtab-structured': ['clevr_count', 'clevr_dist', 'dmlab', 'kitti', 'dsprites_loc', 'dsprites_ori',
-                        'smallnorb_azi', 'smallnorb_ele'],
+    'vtab-natural': {'cifar': 10000, 'caltech101': 6084, 'dtd': 1880, 'oxford_flowers102': 6149,
+                     'oxford_iiit_pet': 3669, 'svhn': 26032, 'sun397': 21750},
+    'vtab-specialized': {'patch_camelyon': 32768, 'eurosat': 5400, 'resisc45': 6300, 'diabetic_retinopathy': 42670},
+    'vtab-structured': {'clevr_count': 15000, 'clevr_dist': 15000, 'dmlab': 22735, 'kitti': 711,
+                        'dsprites_loc': 73728, 'dsprites_ori': 73728, 'smallnorb_azi': 12150, 'smallnorb_ele': 12150},
 }
-SUITES = {g: [f'vtab-{t}' for t in tasks] for g, tasks in VTAB_GROUPS.items()}
-SUITES['vtab'] = [d for g in VTAB_GROUPS for d in SUITES[g]]
-SUITES['fgvc'] = list(data.FGVC)
+SUITES = {**{g: [f'vtab-{t}' for t in tasks] for g, tasks in VTAB_GROUPS.items()},
+          'vtab': [f'vtab-{t}' for tasks in VTAB_GROUPS.values() for t in tasks], 'fgvc': list(data.FGVC)}
 GROUP_NAMES = {'vtab-natural': 'Natural', 'vtab-specialized': 'Specialized', 'vtab-structured': 'Structured',
                'vtab': 'VTAB mean (19)', 'fgvc': 'FGVC mean (5)'}
 
@@ -78,71 +64,45 @@ GRIDS = {
 }
 SEEDS = [42, 44, 82, 100, 800]  # KMnP/vpt tune_vtab.py: the final-run seeds
 
-# The papers' numbers (ViT-B/16, top-1 %, test): (method, pretrain) -> (source, {data or group: value}).
-# The same numbers as the README's "Expected results".
-_FGVC = ('cub', 'nabirds', 'flowers', 'dogs', 'cars', 'fgvc')
-_VTAB = ('vtab-natural', 'vtab-specialized', 'vtab-structured')
-PAPERS = {
-    ('vpt', 'in21k'): ('SA²VP Tables 1, 3', dict(zip(_FGVC + _VTAB, (88.5, 84.2, 99.0, 90.2, 83.6, 89.11,
-                                                                     78.48, 82.43, 54.98)))),
-    ('sa2vp', 'in21k'): ('SA²VP Tables 1, 3', dict(zip(_FGVC + _VTAB, (89.1, 85.8, 99.3, 92.1, 84.1, 90.08,
-                                                                       80.97, 85.73, 60.80)))),
-    ('spt', 'in21k-augreg'): ('SPT Table 3', dict(zip(_FGVC + _VTAB, (90.6, 87.6, 99.8, 89.8, 89.2, 91.40,
-                                                                      82.27, 85.48, 58.91)))),
-    ('spt', 'mae'): ('SPT Table 2', dict(zip(_FGVC + _VTAB, (80.13, 76.28, 93.07, 82.23, 84.61, 83.26,
-                                                             67.19, 83.15, 59.23)))),
-    ('spt', 'mocov3'): ('SPT Table 2', dict(zip(_FGVC + _VTAB, (84.47, 77.63, 96.10, 85.84, 85.98, 86.00,
-                                                                76.20, 84.95, 58.36)))),
-    ('lspt', 'mae'): ('LSPT Tables 1, 2', dict(zip(_FGVC + _VTAB, (73.86, 71.73, 82.32, 82.05, 74.75, 76.94,
-                                                                   52.36, 80.75, 41.72)))),
-    ('lspt', 'mocov3'): ('LSPT Tables 1, 2', dict(zip(_FGVC + _VTAB, (84.29, 77.16, 95.06, 84.25, 80.12, 84.18,
-                                                                      77.19, 85.69, 52.82)))),
-    ('vpt', 'mae'): ('SPT Table 2', dict(zip(_FGVC, (68.33, 65.22, 80.05, 78.83, 67.67, 72.02)))),
-    ('vpt', 'mocov3'): ('SPT Table 2', dict(zip(_FGVC, (82.67, 75.99, 94.41, 83.33, 79.18, 83.12)))),
-}
+# The papers' numbers (ViT-B/16, top-1 %, test), the same as the README's "Expected results":
+# (method, pretrain) -> (source, {data or group: value}), the values in the order of _KEYS.
+_KEYS = ('cub', 'nabirds', 'flowers', 'dogs', 'cars', 'fgvc', 'vtab-natural', 'vtab-specialized', 'vtab-structured')
+PAPERS = {pair: (source, dict(zip(_KEYS, values))) for pair, (source, values) in {
+    ('vpt', 'in21k'): ('SA²VP Tables 1, 3', (88.5, 84.2, 99.0, 90.2, 83.6, 89.11, 78.48, 82.43, 54.98)),
+    ('sa2vp', 'in21k'): ('SA²VP Tables 1, 3', (89.1, 85.8, 99.3, 92.1, 84.1, 90.08, 80.97, 85.73, 60.80)),
+    ('spt', 'in21k-augreg'): ('SPT Table 3', (90.6, 87.6, 99.8, 89.8, 89.2, 91.40, 82.27, 85.48, 58.91)),
+    ('spt', 'mae'): ('SPT Table 2', (80.13, 76.28, 93.07, 82.23, 84.61, 83.26, 67.19, 83.15, 59.23)),
+    ('spt', 'mocov3'): ('SPT Table 2', (84.47, 77.63, 96.10, 85.84, 85.98, 86.00, 76.20, 84.95, 58.36)),
+    ('lspt', 'mae'): ('LSPT Tables 1, 2', (73.86, 71.73, 82.32, 82.05, 74.75, 76.94, 52.36, 80.75, 41.72)),
+    ('lspt', 'mocov3'): ('LSPT Tables 1, 2', (84.29, 77.16, 95.06, 84.25, 80.12, 84.18, 77.19, 85.69, 52.82)),
+    ('vpt', 'mae'): ('SPT Table 2', (68.33, 65.22, 80.05, 78.83, 67.67, 72.02)),  # FGVC only
+    ('vpt', 'mocov3'): ('SPT Table 2', (82.67, 75.99, 94.41, 83.33, 79.18, 83.12)),
+}.items()}
 
-# Split sizes for --dry-run (no data needed): VTAB-1k 800 / 200 / 1000 and the full official test sets
-# (tfds, as NOAH's get_vtab1k.py writes them); FGVC: VPT's json splits (VPT paper, Table 7); digits: data.py.
-VTAB_TEST = {'cifar': 10000, 'caltech101': 6084, 'dtd': 1880, 'oxford_flowers102': 6149, 'oxford_iiit_pet': 3669,
-             'svhn': 26032, 'sun397': 21750, 'patch_camelyon': 32768, 'eurosat': 5400, 'resisc45': 6300,
-             'diabetic_retinopathy': 42670, 'clevr_count': 15000, 'clevr_dist': 15000, 'dmlab': 22735,
-             'kitti': 711, 'dsprites_loc': 73728, 'dsprites_ori': 73728, 'smallnorb_azi': 12150,
-             'smallnorb_ele': 12150}
-FGVC_SIZES = {'cub': (5394, 600, 5794), 'nabirds': (21536, 2393, 24633), 'flowers': (1020, 1020, 6149),
-              'dogs': (10800, 1200, 8580), 'cars': (7329, 815, 8041)}  # train, val, test
+# --dry-run's (tuning-train, val, final-train, test) sizes. FGVC: VPT's json splits (VPT paper, Table 7), the final
+# runs trained on train.json alone, as VPT does; digits: 1797 images, 1000 of them train800val200's.
+SPLITS = {'cub': (5394, 600, 5394, 5794), 'nabirds': (21536, 2393, 21536, 24633), 'dogs': (10800, 1200, 10800, 8580),
+          'flowers': (1020, 1020, 1020, 6149), 'cars': (7329, 815, 7329, 8041), 'digits': (800, 200, 1000, 797),
+          **{f'vtab-{t}': (800, 200, 1000, n) for tasks in VTAB_GROUPS.values() for t, n in tasks.items()}}
 
 
 class SweepError(RuntimeError):
     """A sweep that cannot go on; printed as one `error:` line."""
 
 
-def split_sizes(name):
-    """(tuning-train, val, final-train, test) image counts of dataset `name`."""
-    if name in FGVC_SIZES:
-        tr, va, te = FGVC_SIZES[name]
-        return tr, va, tr, te  # VPT trains FGVC's final runs on train.json alone
-    return 800, 200, 1000, VTAB_TEST[name[5:]] if name.startswith('vtab-') else 797  # digits: 1797 - 1000
+def comma_list(kind):
+    def parse(s):
+        try:
+            return [kind(v) for v in s.split(',')]
+        except ValueError:
+            what = 'numbers' if kind is float else 'integers'
+            raise argparse.ArgumentTypeError(f"expected a comma list of {what}, got {s!r}") from None
+    return parse
 
 
-# -----------------------------------------------------------------------------
-# the command line
-
-
-def floats(s):
-    try:
-        return [float(v) for v in s.split(',')]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {s!r}") from None
-
-
-def ints(s):
-    try:
-        return [int(v) for v in s.split(',')]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {s!r}") from None
-
-
-def build_parser():
+def parse_args(argv):
+    """(sweep args, train.py flags after --)."""
+    argv, extra = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
     p = argparse.ArgumentParser(description="Grid search on val, seeded final runs on test, and the table beside "
                                 "the papers' numbers (VPT's protocol). Fixed train.py flags go after --, e.g. "
                                 "`-- --epochs 2 --workers 0`.", allow_abbrev=False)
@@ -150,82 +110,73 @@ def build_parser():
     g.add_argument('--method', choices=list(GRIDS))
     g.add_argument('--pretrain', default='in21k', help="train.py --pretrain (default: %(default)s)")
     g.add_argument('--arch', default='vit_base_patch16_224', help="train.py --arch (default: %(default)s)")
-    g.add_argument('--weights', default=None, help="train.py --weights")
+    g.add_argument('--weights', help="train.py --weights")
     g.add_argument('--img-size', type=int, default=224, help="train.py --img-size (default: %(default)s)")
-    g.add_argument('--data-root', default=None, help="train.py --data-root")
+    g.add_argument('--data-root', help="train.py --data-root")
     g.add_argument('--data', help="comma list of train.py --data names and suites: "
                    + ', '.join(f"{s} ({len(v)})" for s, v in SUITES.items()))
-    g.add_argument('--out', default=None, help="sweep directory (default: sweeps/<method>-<pretrain>-<data>)")
+    g.add_argument('--out', help="sweep directory (default: sweeps/<method>-<pretrain>-<data>)")
     g = p.add_argument_group('grid (default: the method\'s grid in GRIDS, sweep.py)')
-    g.add_argument('--lr', type=floats, default=None, help="absolute learning rates, comma list")
-    g.add_argument('--wd', type=floats, default=None, help="weight decays, comma list")
-    g.add_argument('--prompts', type=ints, default=None, help="prompt lengths, comma list (default: the method's)")
-    g.add_argument('--seeds', type=ints, default=SEEDS, help="final-run seeds; phase 1 uses the first "
+    g.add_argument('--lr', type=comma_list(float), help="absolute learning rates, comma list")
+    g.add_argument('--wd', type=comma_list(float), help="weight decays, comma list")
+    g.add_argument('--prompts', type=comma_list(int), help="prompt lengths, comma list (default: the method's)")
+    g.add_argument('--seeds', type=comma_list(int), default=SEEDS, help="final-run seeds; phase 1 uses the first "
                    "(default: 42,44,82,100,800)")
     g = p.add_argument_group('execution')
-    g.add_argument('--jobs', type=int, default=None, help="cells at once (default: one per GPU of --gpus, 1 on a "
-                   "CPU-only machine; slurm: all)")
-    g.add_argument('--gpus', default=None, help="comma list of GPU ids, one job pinned to each in turn "
-                   "(default: every visible GPU)")
+    g.add_argument('--jobs', type=int, help="cells at once (default: one per GPU of --gpus, 1 on a CPU-only "
+                   "machine; slurm: all)")
+    g.add_argument('--gpus', help="comma list of GPU ids, one job pinned to each in turn (default: every visible "
+                   "GPU)")
     g.add_argument('--launcher', choices=['local', 'slurm', 'submitit-local'], default='local',
                    help="local processes, SLURM jobs through submitit, or submitit's local executor (a test of "
                    "the slurm path on this machine) (default: %(default)s)")
-    g.add_argument('--partition', default=None, help="slurm partition")
+    g.add_argument('--partition', help="slurm partition")
     g.add_argument('--gpus-per-job', type=int, default=1, help="slurm GPUs per cell (default: %(default)s)")
-    g.add_argument('--time', type=int, default=24 * 60, help="slurm time limit per cell, minutes "
-                   "(default: %(default)s)")
+    g.add_argument('--time', type=int, default=1440, help="slurm time limit per cell, minutes (default: %(default)s)")
     g.add_argument('--print-commands', action='store_true', help="print every remaining train.py command, one per "
                    "line, and exit (phase 2 appears once a dataset's phase 1 has finished)")
     g.add_argument('--dry-run', action='store_true', help="print the number of runs and image passes per phase")
-    g.add_argument('--report', metavar='DIR', default=None, help="write DIR/results.{md,csv,json,png} from whatever "
-                   "has finished, and print the table")
-    return p
-
-
-def parse_args(argv):
-    """(sweep args, train.py flags after --)."""
-    argv = list(argv)
-    extra = argv[argv.index('--') + 1:] if '--' in argv else []
-    argv = argv[:argv.index('--')] if '--' in argv else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    g.add_argument('--report', metavar='DIR', help="write DIR/results.{md,csv,json,png} from whatever has "
+                   "finished, and print the table")
+    args = p.parse_args(argv)
     if args.report is None and (args.method is None or args.data is None):
-        parser.error("--method and --data are required (or --report DIR)")
+        p.error("--method and --data are required (or --report DIR)")
     owned = {'--method', '--data', '--arch', '--pretrain', '--weights', '--img-size', '--data-root', '--lr', '--wd',
              '--prompts', '--seed', '--out', '--eval-split', '--resume', '--overwrite'}
-    for flag in extra:
-        if flag.split('=')[0] in owned:
-            raise SweepError(f"{flag.split('=')[0]} after -- is set by sweep.py itself; give it before the --")
+    for flag in (f.split('=')[0] for f in extra):
+        if flag in owned:
+            raise SweepError(f"{flag} after -- is set by sweep.py itself; give it before the --")
     return args, extra
 
 
 def datasets_of(spec):
-    out = []
-    for name in spec.split(','):
-        names = SUITES.get(name, [name])
-        for n in names:
-            if n not in data.DATASETS:
-                raise SweepError(f"--data: unknown dataset or suite {n!r}; valid: {', '.join(SUITES)}, "
-                                 f"{', '.join(data.DATASETS)}")
-            if n not in out:
-                out.append(n)
-    return out
+    names = list(dict.fromkeys(n for name in spec.split(',') for n in SUITES.get(name, [name])))
+    for n in names:
+        if n not in data.DATASETS:
+            raise SweepError(f"--data: unknown dataset or suite {n!r}; valid: {', '.join(SUITES)}, "
+                             f"{', '.join(data.DATASETS)}")
+    return names
 
 
 def grid_of(args, extra):
     """[(lr, wd, prompts)] in the order of the grid; lr absolute (VPT's base lrs x batch / 256, at the batch size
     the runs will use: --batch-size after --, else the recipe's)."""
     grid = GRIDS[args.method]
-    if args.lr is not None:
-        lrs = args.lr
-    elif grid['base']:
+    lrs = args.lr or grid['lr']
+    if args.lr is None and grid['base']:
         batch = intended_config(['--method', args.method, '--data', 'digits'] + extra)['batch_size']
         lrs = [lr * batch / 256 for lr in grid['lr']]
-    else:
-        lrs = grid['lr']
-    wds = args.wd if args.wd is not None else grid['wd']
-    prompts = args.prompts if args.prompts is not None else [None]
-    return [(lr, wd, p) for p in prompts for wd in wds for lr in lrs]
+    return [(lr, wd, p) for p in args.prompts or [None] for wd in args.wd or grid['wd'] for lr in lrs]
+
+
+def intended_config(argv):
+    """train.py's resolved configuration for these flags, without running anything."""
+    try:
+        return train.parse_args(argv)[0]
+    except SystemExit:  # argparse has printed its message
+        raise SweepError(f"train.py refuses the flags {shlex.join(argv)}") from None
+    except runs.RunError as e:  # a value that cannot work (a negative lr, ...) or an option of another method
+        raise SweepError(f"train.py refuses {shlex.join(argv)}: {e}") from None
 
 
 def cell_name(lr, wd, prompts):
@@ -233,25 +184,26 @@ def cell_name(lr, wd, prompts):
 
 
 def choose(cells):
-    """The chosen cell among [(lr, wd, prompts, val accuracy)]: the best accuracy; ties go to the smaller lr,
-    then the smaller wd, then fewer prompts."""
+    """The best of [(lr, wd, prompts, val accuracy)]; ties go to the smaller lr, then wd, then fewer prompts."""
     return min(cells, key=lambda c: (-c[3], c[0], c[1], -1 if c[2] is None else c[2]))
 
 
-# -----------------------------------------------------------------------------
-# cells: ordinary train.py run directories
-
-
 class Cell:
-    """One train.py run of the sweep: its command, its directory and what it holds."""
+    """One train.py process of the sweep, its directory and what that holds. `cells` are the grid cells whose run
+    directories it writes: itself, or for `linear`'s phase 1 in one process ('grid') all of a dataset's cells."""
 
-    def __init__(self, spec, name, phase, lr, wd, prompts, seed, key):
-        self.data, self.phase, self.key = name, phase, key
-        self.lr, self.wd, self.prompts, self.seed = lr, wd, prompts, seed
-        self.dir = os.path.join(spec['out'], name, 'val' if phase == 1 else 'test', key)
-        self.log = os.path.join(self.dir, 'train.log')
+    def __init__(self, spec, name, phase, lr, wd, prompts, seed, key, cells=None):
+        self.data, self.key, self.lr, self.wd, self.prompts, self.seed = name, key, lr, wd, prompts, seed
+        self.cells, split = cells or [self], 'val' if phase == 1 else 'test'
+        self.dir = os.path.join(spec['out'], name, split, *([] if cells else [key]))
+        self.log = os.path.join(self.dir, 'grid.log' if cells else 'train.log')
         self.failed_path = os.path.join(self.dir, 'sweep_failed.txt')
-        self.args = train_args(spec, name, phase, repr(lr), repr(wd), prompts, seed, self.dir)
+        self.args = ['--method', spec['method'], '--arch', spec['arch'], '--pretrain', spec['pretrain'], '--img-size',
+                     str(spec['img_size']), '--data', name, '--eval-split', split, '--lr', str(lr), '--wd', str(wd),
+                     '--seed', str(seed), '--out', self.dir]
+        self.args += ['--prompts', str(prompts)] if prompts is not None else []
+        self.args += ['--weights', spec['weights']] if spec['weights'] else []
+        self.args += (['--data-root', spec['data_root']] if spec['data_root'] else []) + spec['extra']
 
     def result(self):
         path = os.path.join(self.dir, 'result.json')
@@ -260,25 +212,17 @@ class Cell:
                 return json.load(f)
         return None
 
-    def recorded(self):
-        """The configuration recorded in the directory (result.json, else last.pt), or None."""
-        res = self.result()
-        if res is not None:
-            return res['config'], os.path.join(self.dir, 'result.json')
-        ckpt = os.path.join(self.dir, 'last.pt')
-        if os.path.isfile(ckpt):
-            import torch
-            return torch.load(ckpt, map_location='cpu', weights_only=True)['args'], ckpt
-        return None
-
     def check(self):
-        """A SweepError when the directory holds a run of another configuration than this cell's."""
-        rec = self.recorded()
-        if rec is None:
+        """A SweepError when the directory holds a run (result.json, else last.pt) of another configuration."""
+        path, ckpt = os.path.join(self.dir, 'result.json'), os.path.join(self.dir, 'last.pt')
+        if os.path.isfile(path):
+            recorded = self.result()['config']
+        elif os.path.isfile(ckpt):
+            import torch
+            path, recorded = ckpt, torch.load(ckpt, map_location='cpu', weights_only=True)['args']
+        else:
             return
-        recorded, path = rec
-        want = intended_config(self.args)
-        skip = runs.RESUME_OVERRIDES | {'device'}
+        want, skip = intended_config(self.args), runs.RESUME_OVERRIDES | {'device'}
         diff = [f"--{k.replace('_', '-')} {want[k]!r} (recorded: {recorded.get(k)!r})" for k in sorted(want)
                 if k not in skip and not (k in ('mean', 'std') and want[k] is None) and want[k] != recorded.get(k)]
         if diff:
@@ -286,11 +230,7 @@ class Cell:
                              f"{', '.join(diff)}; use another --out or delete {self.dir}")
 
     def status(self):
-        if self.result() is not None:
-            return 'done'
-        if os.path.isfile(self.failed_path):
-            return 'failed'
-        return 'left'
+        return 'done' if self.result() is not None else 'failed' if os.path.isfile(self.failed_path) else 'left'
 
     def failure(self):
         with open(self.failed_path) as f:
@@ -301,209 +241,117 @@ class Cell:
         return [sys.executable, TRAIN_PY] + self.args + resume
 
 
-def train_args(spec, name, phase, lr, wd, prompts, seed, out):
-    """train.py's flags for a run of this sweep (lr, wd: strings)."""
-    args = ['--method', spec['method'], '--arch', spec['arch'], '--pretrain', spec['pretrain'],
-            '--img-size', str(spec['img_size']), '--data', name, '--eval-split', 'val' if phase == 1 else 'test',
-            '--lr', lr, '--wd', wd, '--seed', str(seed), '--out', out]
-    args += ['--prompts', str(prompts)] if prompts is not None else []
-    args += ['--weights', spec['weights']] if spec['weights'] else []
-    args += ['--data-root', spec['data_root']] if spec['data_root'] else []
-    return args + spec['extra']
-
-
-class LinearGrid:
-    """Phase 1 of `linear` on one dataset as ONE train.py process: train.py trains every (lr, wd) head on one
-    stream of backbone features and writes each cell's ordinary run directory under DIR/<data>/val/."""
-
-    def __init__(self, spec, name, cells):
-        self.data, self.key, self.cells = name, 'grid', cells
-        self.dir = os.path.join(spec['out'], name, 'val')
-        self.log = os.path.join(self.dir, 'grid.log')
-        self.failed_path = os.path.join(self.dir, 'grid_failed.txt')
-        lrs = ','.join(dict.fromkeys(repr(c.lr) for c in cells))
-        wds = ','.join(dict.fromkeys(repr(c.wd) for c in cells))
-        self.args = train_args(spec, name, 1, lrs, wds, None, cells[0].seed, self.dir)
-
-    def command(self):
-        return [sys.executable, TRAIN_PY] + self.args
-
-
-def phase1_tasks(spec, name):
-    """The unfinished phase-1 cells of a dataset; for `linear` one LinearGrid when no cell has started yet."""
-    cells = phase1_cells(spec, name)
-    todo = [c for c in cells if c.status() != 'done']
-    fresh = all(c.result() is None and not os.path.exists(os.path.join(c.dir, 'last.pt')) for c in cells)
-    if spec['method'] == 'linear' and len(cells) > 1 and fresh:
-        return [LinearGrid(spec, name, cells)]
-    return todo
-
-
-def intended_config(argv):
-    """train.py's resolved configuration for these flags, without running anything."""
-    try:
-        cfg, _ = train.parse_args(argv)
-    except SystemExit:  # argparse has printed its message
-        raise SweepError(f"train.py refuses the flags {shlex.join(argv)}") from None
-    except runs.RunError as e:  # a value that cannot work (a negative lr, ...) or an option of another method
-        raise SweepError(f"train.py refuses {shlex.join(argv)}: {e}") from None
-    return cfg
-
-
-def load_spec(out):
-    path = os.path.join(out, 'sweep.json')
-    if not os.path.isfile(path):
-        raise SweepError(f"{path} not found: --report needs a directory written by sweep.py")
-    with open(path) as f:
-        return json.load(f)
-
-
-def phase1_cells(spec, name):
-    return [Cell(spec, name, 1, lr, wd, p, spec['seeds'][0], cell_name(lr, wd, p)) for lr, wd, p in spec['grid']]
-
-
-def chosen_of(spec, name):
-    """(lr, wd, prompts, val accuracy) of the chosen cell, or None while phase 1 is not complete."""
-    cells = phase1_cells(spec, name)
+def dataset(spec, name):
+    """(phase-1 cells, phase-2 cells, the chosen (lr, wd, prompts, val accuracy)); no phase 2 before phase 1 ends."""
+    cells = [Cell(spec, name, 1, lr, wd, p, spec['seeds'][0], cell_name(lr, wd, p)) for lr, wd, p in spec['grid']]
     results = [c.result() for c in cells]
     if any(r is None for r in results):
-        return None
-    return choose([(c.lr, c.wd, c.prompts, r['accuracy']) for c, r in zip(cells, results)])
+        return cells, [], None
+    best = choose([(c.lr, c.wd, c.prompts, r['accuracy']) for c, r in zip(cells, results)])
+    return cells, [Cell(spec, name, 2, *best[:3], s, f'seed{s}') for s in spec['seeds']], best
 
 
-def phase2_cells(spec, name):
-    best = chosen_of(spec, name)
-    if best is None:
-        return []
-    return [Cell(spec, name, 2, best[0], best[1], best[2], s, f'seed{s}') for s in spec['seeds']]
+def todo(spec, name):
+    """A dataset's unfinished cells, phase 2 once phase 1 is complete; for `linear`, while no grid cell has started,
+    one process for the whole grid (one backbone forward per image; train.py writes each cell's run directory)."""
+    cells, finals, _ = dataset(spec, name)
+    if spec['method'] == 'linear' and len(cells) > 1 and all(
+            c.result() is None and not os.path.exists(os.path.join(c.dir, 'last.pt')) for c in cells):
+        lrs, wds = (','.join(dict.fromkeys(str(getattr(c, k)) for c in cells)) for k in ('lr', 'wd'))
+        return [Cell(spec, name, 1, lrs, wds, None, spec['seeds'][0], 'grid', cells)]
+    return [c for c in cells + finals if c.status() != 'done']
 
 
-# -----------------------------------------------------------------------------
-# running the cells
+class Launcher:
+    """Runs train.py processes, at most `capacity` at once. --launcher local: subprocesses, the i-th slot pinned to
+    GPU gpus[i % len(gpus)] (--gpus, else every visible GPU). slurm, submitit-local: one submitit job per process,
+    on SLURM or on submitit's local executor (a test of the slurm path)."""
 
+    def __init__(self, args, out):
+        self.executor = None
+        if args.launcher == 'local':
+            gpus = args.gpus if args.gpus is not None else os.environ.get('CUDA_VISIBLE_DEVICES')
+            if gpus is None:
+                import torch
+                gpus = ','.join(str(i) for i in range(torch.cuda.device_count()))
+            self.gpus = [g for g in gpus.split(',') if g]
+            self.capacity = args.jobs or max(len(self.gpus), 1)
+            self.free = list(range(self.capacity))
+        else:
+            import submitit
+            cluster = 'slurm' if args.launcher == 'slurm' else 'local'
+            self.executor = submitit.AutoExecutor(folder=os.path.join(out, 'submitit'), cluster=cluster)
+            slurm = dict(gpus_per_node=args.gpus_per_job, tasks_per_node=1, slurm_partition=args.partition)
+            self.executor.update_parameters(timeout_min=args.time, name='sweep', **{
+                k: v for k, v in slurm.items() if cluster == 'slurm' and v is not None})
+            self.capacity = args.jobs or 10**9
 
-def run_command(cmd, log):
-    """Run one train.py command with its output appended to `log`; returns the exit status (also in SLURM)."""
-    with open(log, 'a') as f:
-        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
-
-
-class LocalLauncher:
-    """Subprocesses, at most `jobs` at once, the i-th slot pinned to GPU gpus[i % len(gpus)]."""
-
-    def __init__(self, jobs, gpus):
-        self.gpus, self.capacity, self.free = gpus, jobs, list(range(jobs))
-
-    def start(self, cell):
+    def start(self, task):
+        if self.executor:  # the job's result: train.py's exit status
+            shell = shlex.join(task.command()) + ' >> ' + shlex.quote(task.log) + ' 2>&1'
+            return self.executor.submit(subprocess.call, ['sh', '-c', shell])
         slot = self.free.pop(0)
-        env = dict(os.environ)
-        if self.gpus:
-            env['CUDA_VISIBLE_DEVICES'] = str(self.gpus[slot % len(self.gpus)])
-        log = open(cell.log, 'a')
-        proc = subprocess.Popen(cell.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
-        return (proc, slot)
+        env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': self.gpus[slot % len(self.gpus)]} if self.gpus else {}))
+        with open(task.log, 'a') as log:
+            return subprocess.Popen(task.command(), stdout=log, stderr=subprocess.STDOUT, env=env), slot
 
-    def poll(self, handle):
+    def poll(self, handle):  # the exit status, or None while it runs
+        if self.executor:
+            try:
+                return handle.result() if handle.done() else None
+            except Exception:  # the job itself failed (cancelled, out of time); its log is in DIR/submitit
+                return 1
         rc = handle[0].poll()
         if rc is not None:
             self.free.append(handle[1])
         return rc
 
     def stop(self, handle):
-        handle[0].terminate()
-        handle[0].wait()
-
-
-class SubmititLauncher:
-    """One submitit job per cell: SLURM (--launcher slurm) or submitit's local executor (submitit-local)."""
-
-    def __init__(self, args, out):
-        import submitit
-        cluster = 'slurm' if args.launcher == 'slurm' else 'local'
-        self.executor = submitit.AutoExecutor(folder=os.path.join(out, 'submitit'), cluster=cluster)
-        params = dict(timeout_min=args.time, name='sweep')
-        if cluster == 'slurm':
-            params.update(gpus_per_node=args.gpus_per_job, tasks_per_node=1, slurm_partition=args.partition)
-        self.executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
-        self.capacity = args.jobs or 10**9
-
-    def start(self, cell):
-        return self.executor.submit(run_command, cell.command(), cell.log)
-
-    def poll(self, job):
-        if not job.done():
-            return None
-        try:
-            return job.result()
-        except Exception:  # the job itself failed (e.g. cancelled, out of time); its log is in the submitit folder
-            return 1
-
-    def stop(self, job):
-        pass  # SLURM jobs keep running; the next sweep skips or resumes them
-
-
-def visible_gpus(arg):
-    if arg is not None:
-        return [g for g in arg.split(',') if g != '']
-    env = os.environ.get('CUDA_VISIBLE_DEVICES')
-    if env is not None:
-        return [g for g in env.split(',') if g != '']
-    import torch
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def hms(seconds):
-    return time.strftime('%H:%M:%S', time.gmtime(seconds)) if seconds is not None else '?'
+        if not self.executor:  # SLURM jobs keep running; the next sweep skips or resumes them
+            handle[0].terminate()
+            handle[0].wait()
 
 
 def execute(spec, launcher):
-    """Run every remaining cell; phase 2 of a dataset starts once its phase 1 is complete.
-    Returns the failed cells."""
-    names = spec['data']
+    """Run every remaining cell, a dataset's phase 2 once its phase 1 is complete; returns the failed cells."""
+    names, chosen, running, failed, durations, t_start = spec['data'], set(), {}, [], [], time.time()
     n_total = len(names) * (len(spec['grid']) + len(spec['seeds']))
-    started_p2, running, failed, durations = set(), {}, [], []
-    queue = [task for name in names for task in phase1_tasks(spec, name)]
-    t_start = time.time()
+    queue = [task for name in names if dataset(spec, name)[2] is None for task in todo(spec, name)]  # phase 1
 
     def counts():
-        done = sum(1 for name in names for c in phase1_cells(spec, name) + phase2_cells(spec, name)
-                   if c.status() == 'done')
-        n_run = sum(len(getattr(task, 'cells', [task])) for task, _, _ in running.values())
+        done = sum(c.status() == 'done' for name in names for c in sum(dataset(spec, name)[:2], []))
+        n_run = sum(c.status() != 'done' for task, _, _ in running.values() for c in task.cells)  # not yet polled
         return done, n_run, len(failed), n_total - done - n_run - len(failed)
 
-    n_done_before = counts()[0]
-
     print(f"sweep {spec['out']}: {len(names)} datasets x ({len(spec['grid'])} grid cells + {len(spec['seeds'])} "
-          f"seeds) = {n_total} runs, {n_done_before} finished before", flush=True)
+          f"seeds) = {n_total} runs, {counts()[0]} finished before", flush=True)
     try:
         while True:
-            busy = {cell.data for cell, _, _ in running.values()}
-            for name in names:  # a dataset whose phase 1 is complete: queue its final runs (first in the queue)
-                if name not in started_p2 and name not in busy and chosen_of(spec, name) is not None:
-                    started_p2.add(name)
-                    lr, wd, p, acc = chosen_of(spec, name)
-                    print(f"{name}: chose {cell_name(lr, wd, p)} (val {acc:.2f}%)", flush=True)
-                    for cell in reversed(phase2_cells(spec, name)):
+            busy = {task.data for task, _, _ in running.values()}
+            for name in [n for n in names if n not in chosen | busy]:  # phase 1 complete: phase 2 first in the queue
+                _, finals, best = dataset(spec, name)
+                if best is not None:
+                    chosen.add(name)
+                    print(f"{name}: chose {cell_name(*best[:3])} (val {best[3]:.2f}%)", flush=True)
+                    for cell in finals:
                         cell.check()
-                        if cell.status() != 'done':
-                            queue.insert(0, cell)
+                    queue[:0] = [c for c in finals if c.status() != 'done']
             while queue and len(running) < launcher.capacity:
-                cell = queue.pop(0)
-                os.makedirs(cell.dir, exist_ok=True)
-                if os.path.exists(cell.failed_path):
-                    os.remove(cell.failed_path)
-                running[cell.dir] = (cell, launcher.start(cell), time.time())
+                task = queue.pop(0)
+                os.makedirs(task.dir, exist_ok=True)
+                for path in [c.failed_path for c in task.cells if os.path.exists(c.failed_path)]:
+                    os.remove(path)  # a failure of an earlier sweep
+                running[task.dir] = (task, launcher.start(task), time.time())
             if not running:
                 break
             time.sleep(0.2)
-            for key, (cell, handle, t0) in list(running.items()):
+            for key, (task, handle, t0) in list(running.items()):
                 rc = launcher.poll(handle)
                 if rc is None:
                     continue
                 del running[key]
                 durations.append(time.time() - t0)
-                for c in getattr(cell, 'cells', [cell]):  # a LinearGrid reports each of its cells
+                for c in task.cells:
                     res = c.result()
                     if rc == 0 and res is not None:
                         what = f"{res['eval_split']} {res['accuracy']:.2f}%"
@@ -511,59 +359,43 @@ def execute(spec, launcher):
                         failed.append(c)
                         os.makedirs(c.dir, exist_ok=True)
                         with open(c.failed_path, 'w') as f:
-                            f.write(f"exit status {rc}; log: {cell.log}\n")
-                        c.log = cell.log
-                        what = f"FAILED (exit status {rc}), log {cell.log}"
+                            f.write(f"exit status {rc}; log: {task.log}\n")
+                        c.log, what = task.log, f"FAILED (exit status {rc}), log {task.log}"
                     done, n_run, n_fail, left = counts()
-                    eta = (sum(durations) / len(durations) * (left + n_run / 2) / launcher.capacity
-                           if launcher.capacity < 10**9 else None)
+                    eta = ('?' if launcher.capacity == 10**9 else  # SLURM: all at once, no ETA
+                           runs.duration(sum(durations) / len(durations) * (left + n_run / 2) / launcher.capacity))
                     print(f"[{done} done, {n_run} running, {n_fail} failed, {left} left | elapsed "
-                          f"{hms(time.time() - t_start)}, eta {hms(eta)}] {c.data} {c.key}: {what}", flush=True)
-    except (KeyboardInterrupt, SweepError) as e:  # stop the running cells; a rerun resumes them
-        for cell, handle, _ in running.values():
-            launcher.stop(handle)
-        if isinstance(e, SweepError):
-            raise
+                          f"{runs.duration(time.time() - t_start)}, eta {eta}] {c.data} {c.key}: {what}", flush=True)
+    except KeyboardInterrupt:
         raise SweepError("interrupted; rerun the same command to continue (finished cells are kept, unfinished "
                          "ones resume)") from None
+    finally:  # after an error or Ctrl-C, stop the running cells; a rerun resumes them
+        for _, handle, _ in running.values():
+            launcher.stop(handle)
+    print(f"sweep finished in {runs.duration(time.time() - t_start)}; {len(failed)} failed; report in "
+          f"{spec['out']}/results.md", flush=True)
     return failed
 
 
-def print_commands(spec):
-    for name in spec['data']:
-        tasks = phase1_tasks(spec, name) + [c for c in phase2_cells(spec, name) if c.status() != 'done']
-        for task in tasks:
-            os.makedirs(task.dir, exist_ok=True)
-            print(shlex.join(task.command()) + ' > ' + shlex.quote(task.log) + ' 2>&1')
-
-
-# -----------------------------------------------------------------------------
-# cost in image passes (--dry-run)
-
-
-def passes(train_images, eval_images, epochs, eval_every):
-    """Images pushed through the model by one run: training images x epochs + evaluated images."""
-    evaluations = sum(1 for e in range(1, epochs + 1) if e % eval_every == 0 or e == epochs)
-    return train_images * epochs + eval_images * evaluations
-
-
 def dry_run(spec):
-    """Runs and image passes per phase, from the split sizes and train.py's resolved --epochs / --eval-every."""
-    lr, wd, p = spec['grid'][0]
-    val_cfg = intended_config(Cell(spec, 'digits', 1, lr, wd, p, 0, '').args)
-    test_cfg = intended_config(Cell(spec, 'digits', 2, lr, wd, p, 0, '').args)
+    """Runs and image passes per phase, from train.py's resolved --epochs and --eval-every, beside VPT's protocol."""
+    val_cfg, test_cfg = (intended_config(Cell(spec, 'digits', phase, *spec['grid'][0], 0, '').args)
+                         for phase in (1, 2))
     epochs, every = val_cfg['epochs'], test_cfg['eval_every']
     cells, seeds = len(spec['grid']), len(spec['seeds'])
-    p1 = p2 = vpt1 = vpt2 = 0
+
+    def passes(train_images, eval_images, eval_every):  # evaluated every eval_every epochs and after the last
+        return train_images * epochs + eval_images * -(-epochs // eval_every)
+
+    p1 = p2 = vpt = 0
     for name in spec['data']:
-        tune, val, final, test = split_sizes(name)
+        tune, val, final, test = SPLITS[name]
         if spec['method'] == 'linear' and cells > 1:  # one process, one backbone forward per image for all cells
-            p1 += tune + val if name not in data.FGVC else passes(tune, val, epochs, val_cfg['eval_every'])
+            p1 += tune + val if name not in data.FGVC else passes(tune, val, val_cfg['eval_every'])
         else:
-            p1 += cells * passes(tune, val, epochs, val_cfg['eval_every'])
-        p2 += seeds * passes(final, test, epochs, every)
-        vpt2 += seeds * passes(final, test, epochs, 1)  # VPT evaluates the test set every epoch
-        vpt1 += cells * passes(tune, val, epochs, 1)  # and runs every cell on its own
+            p1 += cells * passes(tune, val, val_cfg['eval_every'])
+        p2 += seeds * passes(final, test, every)
+        vpt += cells * passes(tune, val, 1) + seeds * passes(final, test, 1)
     n = len(spec['data'])
     print(f"{spec['method']} on {n} datasets, {epochs} epochs per run (image passes = training images x epochs + "
           f"evaluated images):")
@@ -571,170 +403,123 @@ def dry_run(spec):
     print(f"  phase 2 (seeds on test): {n * seeds:6d} runs  {p2:15,d} image passes (test evaluated "
           f"{'once per run' if every >= epochs else f'every {every} epochs'})")
     print(f"  total:                   {n * (cells + seeds):6d} runs  {p1 + p2:15,d} image passes; VPT's protocol "
-          f"(test every epoch): {vpt1 + vpt2:,d}, ours / VPT's = {(p1 + p2) / (vpt1 + vpt2):.2f}")
-    return dict(runs=n * (cells + seeds), phase1=p1, phase2=p2, vpt=vpt1 + vpt2)
-
-
-# -----------------------------------------------------------------------------
-# the report
+          f"(test every epoch): {vpt:,d}, ours / VPT's = {(p1 + p2) / vpt:.2f}")
 
 
 def mean_or_none(values):
     return sum(values) / len(values) if values and all(v is not None for v in values) else None
 
 
-def report(out):
-    """DIR/results.{md,csv,json,png} and DIR/<data>/grid.png from whatever has finished; returns the json dict."""
-    spec = load_spec(out)
-    source, paper = PAPERS.get((spec['method'], spec['pretrain']), (None, {}))
-    rows = []
-    for name in spec['data']:
-        cells = phase1_cells(spec, name)
-        statuses = [c.status() for c in cells]
-        best = chosen_of(spec, name)
-        row = dict(data=name, lr=None, wd=None, prompts=None, val_accuracy=None, seeds=[], test_accuracies=[],
-                   mean=None, std=None, n=0, tuned_params=None, paper=paper.get(name), delta=None)
-        if best is None:
-            failed = [c.failure() for c, s in zip(cells, statuses) if s == 'failed']
-            row['status'] = (f"phase 1: {statuses.count('done')} of {len(cells)} cells done"
-                             + (f", {len(failed)} failed ({'; '.join(failed)})" if failed else ''))
-        else:
-            row.update(lr=best[0], wd=best[1], prompts=best[2], val_accuracy=best[3])
-            done = []
-            for cell in phase2_cells(spec, name):
-                res = cell.result()
-                if res is not None:
-                    done.append((cell.seed, res))
-            row['seeds'] = [s for s, _ in done]
-            row['test_accuracies'] = [r['accuracy'] for _, r in done]
-            row['n'] = len(done)
-            row['mean'] = mean_or_none(row['test_accuracies'])
-            row['std'] = statistics.stdev(row['test_accuracies']) if len(done) >= 2 else None
-            row['tuned_params'] = (done[0][1] if done else cells[0].result())['tuned_params']
-            failed = [c.failure() for c in phase2_cells(spec, name) if c.status() == 'failed']
-            row['status'] = (f"{len(done)} of {len(spec['seeds'])} seeds done"
-                             + (f", {len(failed)} failed ({'; '.join(failed)})" if failed else ''))
-        if row['mean'] is not None and row['paper'] is not None:
-            row['delta'] = row['mean'] - row['paper']
-        rows.append(row)
-        grid_png(spec, name, cells, best)
-    means = {r['data']: r['mean'] for r in rows}
-    groups = {}
-    for g, members in SUITES.items():
-        if all(m in means for m in members):
-            groups[g] = mean_or_none([means[m] for m in members])
-    result = dict(method=spec['method'], pretrain=spec['pretrain'], paper_source=source, rows=rows, groups=groups,
-                  paper_groups={g: paper.get(g) for g in groups})
-    runs.atomic_json(result, os.path.join(out, 'results.json'))
-    write_csv(rows, os.path.join(out, 'results.csv'))
-    md = markdown(spec, result)
-    with open(os.path.join(out, 'results.md'), 'w') as f:
-        f.write(md)
-    results_png(spec, rows, source, os.path.join(out, 'results.png'))
-    print(md, end='')
-    return result
+def tally(cells, unit):
+    """'N of M <unit> done[, K failed (exit status and log of each)]'."""
+    failed = [c.failure() for c in cells if c.status() == 'failed']
+    done = sum(c.status() == 'done' for c in cells)
+    return f"{done} of {len(cells)} {unit} done" + (f", {len(failed)} failed ({'; '.join(failed)})" if failed else '')
 
 
 def fmt(v, spec='.2f'):
     return '—' if v is None else format(v, spec)
 
 
-def prompts_shown(spec, row):
-    if row['prompts'] is None:
-        return '—' if row['lr'] is None or spec['method'] in ('linear', 'full') else "method's"
-    return str(row['prompts'])
-
-
-def markdown(spec, result):
-    src = f" ({result['paper_source']})" if result['paper_source'] else ' (no published number for this pair)'
-    lines = [f"# {spec['method']}, {spec['pretrain']} ({spec['arch']})", '',
-             f"Grid of {len(spec['grid'])} cells on val, then {len(spec['seeds'])} seeds "
-             f"({','.join(map(str, spec['seeds']))}) on test; top-1 %, final epoch; paper{src}.", '',
-             '| data | lr | wd | prompts | val | test mean ± std | n | tuned params | paper | Δ | status |',
-             '|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|']
-    for r in result['rows']:
+def report(out):
+    """DIR/results.{md,csv,json,png} and DIR/<data>/grid.png from whatever has finished; returns the json dict."""
+    path = os.path.join(out, 'sweep.json')
+    if not os.path.isfile(path):
+        raise SweepError(f"{path} not found: --report needs a directory written by sweep.py")
+    with open(path) as f:
+        spec = dict(json.load(f), out=out)
+    source, paper = PAPERS.get((spec['method'], spec['pretrain']), (None, {}))
+    rows = []
+    for name in spec['data']:
+        cells, finals, best = dataset(spec, name)
+        row = dict(data=name, lr=None, wd=None, prompts=None, val_accuracy=None, seeds=[], test_accuracies=[],
+                   mean=None, std=None, n=0, tuned_params=None, paper=paper.get(name), delta=None,
+                   status='phase 1: ' + tally(cells, 'cells'))
+        if best is not None:
+            done = [(c.seed, c.result()) for c in finals if c.result() is not None]
+            accs = [r['accuracy'] for _, r in done]
+            row.update(lr=best[0], wd=best[1], prompts=best[2], val_accuracy=best[3], seeds=[s for s, _ in done],
+                       test_accuracies=accs, n=len(done), mean=mean_or_none(accs),
+                       std=statistics.stdev(accs) if len(done) >= 2 else None, status=tally(finals, 'seeds'),
+                       tuned_params=(done[0][1] if done else cells[0].result())['tuned_params'])
+        if row['mean'] is not None and row['paper'] is not None:
+            row['delta'] = row['mean'] - row['paper']
+        rows.append(row)
+    means = {r['data']: r['mean'] for r in rows}
+    groups = {g: mean_or_none([means[m] for m in members]) for g, members in SUITES.items()
+              if all(m in means for m in members)}
+    result = dict(method=spec['method'], pretrain=spec['pretrain'], paper_source=source, rows=rows, groups=groups,
+                  paper_groups={g: paper.get(g) for g in groups})
+    runs.atomic_json(result, os.path.join(out, 'results.json'))
+    with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
+        csv.writer(f).writerows([list(rows[0])] + [
+            [';'.join(map(str, v)) if isinstance(v, list) else '' if v is None else v for v in r.values()]
+            for r in rows])
+    src = f" ({source})" if source else ' (no published number for this pair)'
+    md = [f"# {spec['method']}, {spec['pretrain']} ({spec['arch']})", '',
+          f"Grid of {len(spec['grid'])} cells on val, then {len(spec['seeds'])} seeds "
+          f"({','.join(map(str, spec['seeds']))}) on test; top-1 %, final epoch; paper{src}.", '',
+          '| data | lr | wd | prompts | val | test mean ± std | n | tuned params | paper | Δ | status |',
+          '|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|']
+    for r in rows:
         test = '—' if r['mean'] is None else fmt(r['mean']) + ('' if r['std'] is None else f" ± {r['std']:.2f}")
-        lines.append(f"| {r['data']} | {fmt(r['lr'], 'g')} | {fmt(r['wd'], 'g')} | "
-                     f"{prompts_shown(spec, r)} | "
-                     f"{fmt(r['val_accuracy'])} | {test} | {r['n']} | {fmt(r['tuned_params'], ',d')} | "
-                     f"{fmt(r['paper'])} | {fmt(r['delta'], '+.2f')} | {r['status']} |")
-    if result['groups']:
-        lines += ['', '| group | ours | paper | Δ |', '|---|--:|--:|--:|']
-        for g, v in result['groups'].items():
-            p = result['paper_groups'][g]
+        prompts = (str(r['prompts']) if r['prompts'] is not None else
+                   '—' if r['lr'] is None or spec['method'] in ('linear', 'full') else "method's")
+        md.append(f"| {r['data']} | {fmt(r['lr'], 'g')} | {fmt(r['wd'], 'g')} | {prompts} | "
+                  f"{fmt(r['val_accuracy'])} | {test} | {r['n']} | {fmt(r['tuned_params'], ',d')} | "
+                  f"{fmt(r['paper'])} | {fmt(r['delta'], '+.2f')} | {r['status']} |")
+    if groups:
+        md += ['', '| group | ours | paper | Δ |', '|---|--:|--:|--:|']
+        for g, v in groups.items():
+            p = paper.get(g)
             d = v - p if v is not None and p is not None else None
-            lines.append(f"| {GROUP_NAMES[g]} | {fmt(v)} | {fmt(p)} | {fmt(d, '+.2f')} |")
-    return '\n'.join(lines) + '\n'
+            md.append(f"| {GROUP_NAMES[g]} | {fmt(v)} | {fmt(p)} | {fmt(d, '+.2f')} |")
+    with open(os.path.join(out, 'results.md'), 'w') as f:
+        f.write('\n'.join(md) + '\n')
+    plots(spec, rows, source)
+    print('\n'.join(md))
+    return result
 
 
-def write_csv(rows, path):
-    keys = ['data', 'lr', 'wd', 'prompts', 'val_accuracy', 'seeds', 'test_accuracies', 'mean', 'std', 'n',
-            'tuned_params', 'paper', 'delta', 'status']
-    with open(path, 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(keys)
-        for r in rows:
-            w.writerow([';'.join(map(str, r[k])) if isinstance(r[k], list) else '' if r[k] is None else r[k]
-                        for k in keys])
-
-
-def grid_png(spec, name, cells, best):
-    """Val accuracy over the grid: one heatmap (lr x wd) per prompt length, values in the cells, chosen marked."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    lrs = sorted({c.lr for c in cells})
-    wds = sorted({c.wd for c in cells})
-    prompts = sorted({c.prompts for c in cells}, key=lambda p: -1 if p is None else p)
-    fig, axes = plt.subplots(1, len(prompts), figsize=(1.2 + 1.1 * len(wds) * len(prompts), 1 + 0.45 * len(lrs)),
-                             squeeze=False)
-    for ax, p in zip(axes[0], prompts):
-        acc = [[math.nan] * len(wds) for _ in lrs]
-        for c in cells:
-            if c.prompts == p and c.result() is not None:
-                acc[lrs.index(c.lr)][wds.index(c.wd)] = c.result()['accuracy']
-        ax.imshow(acc, cmap='viridis', aspect='auto', vmin=0, vmax=100)
-        for i, row in enumerate(acc):
-            for j, v in enumerate(row):
-                chosen = best is not None and (lrs[i], wds[j], p) == best[:3]
+def plots(spec, rows, source):
+    """DIR/<data>/grid.png: val accuracy over the grid, one lr x wd heatmap per prompt length, the chosen cell
+    marked; DIR/results.png: ours (mean ± std over the seeds) beside the paper, per dataset."""
+    from matplotlib.figure import Figure  # without pyplot: no GUI backend, no figure to close
+    from matplotlib.patches import Rectangle
+    for r in rows:
+        cells = dataset(spec, r['data'])[0]
+        lrs, wds = sorted({c.lr for c in cells}), sorted({c.wd for c in cells})
+        prompts = sorted({c.prompts for c in cells}, key=lambda p: -1 if p is None else p)
+        fig = Figure(figsize=(1.2 + 1.1 * len(wds) * len(prompts), 1 + 0.45 * len(lrs)), layout='tight')
+        for ax, p in zip(fig.subplots(1, len(prompts), squeeze=False)[0], prompts):
+            acc = [[math.nan] * len(wds) for _ in lrs]
+            for c in cells:
+                if c.prompts == p and c.result() is not None:
+                    acc[lrs.index(c.lr)][wds.index(c.wd)] = c.result()['accuracy']
+            ax.imshow(acc, cmap='viridis', aspect='auto', vmin=0, vmax=100)
+            for i, j in ((i, j) for i in range(len(lrs)) for j in range(len(wds))):
+                v, chosen = acc[i][j], r['lr'] is not None and (lrs[i], wds[j], p) == (r['lr'], r['wd'], r['prompts'])
                 ax.text(j, i, ('—' if math.isnan(v) else f"{v:.1f}") + (' *' if chosen else ''), ha='center',
                         va='center', color='white' if math.isnan(v) or v < 60 else 'black', fontsize=8,
                         fontweight='bold' if chosen else 'normal')
                 if chosen:
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor='red', lw=2))
-        ax.set_xticks(range(len(wds)), [f"{w:g}" for w in wds])
-        ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs])
-        ax.set_xlabel('weight decay')
-        ax.set_ylabel('lr')
-        ax.set_title(f"{name} val %" + ('' if p is None else f", {p} prompts"), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(spec['out'], name, 'grid.png'), dpi=100)
-    plt.close(fig)
-
-
-def results_png(spec, rows, source, path):
-    """Ours (mean ± std over the seeds) vs the paper, per dataset."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor='red', lw=2))
+            ax.set(xticks=range(len(wds)), xticklabels=[f"{w:g}" for w in wds], xlabel='weight decay',
+                   yticks=range(len(lrs)), yticklabels=[f"{v:g}" for v in lrs], ylabel='lr')
+            ax.set_title(f"{r['data']} val %" + ('' if p is None else f", {p} prompts"), fontsize=9)
+        fig.savefig(os.path.join(spec['out'], r['data'], 'grid.png'), dpi=100)
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(3.5, 1.5 + 0.6 * len(rows)), 3.5))
-    ours = [math.nan if r['mean'] is None else r['mean'] for r in rows]
-    err = [0 if r['std'] is None else r['std'] for r in rows]
-    ax.bar([i - 0.2 for i in x], ours, 0.4, yerr=err, label='ours (mean ± std)')
+    fig = Figure(figsize=(max(3.5, 1.5 + 0.6 * len(rows)), 3.5), layout='tight')
+    ax = fig.subplots()
+    ax.bar([i - 0.2 for i in x], [math.nan if r['mean'] is None else r['mean'] for r in rows], 0.4,
+           yerr=[r['std'] or 0 for r in rows], label='ours (mean ± std)')
     ax.bar([i + 0.2 for i in x], [math.nan if r['paper'] is None else r['paper'] for r in rows], 0.4,
            label=f"paper ({source})" if source else 'paper')
     ax.set_xticks(list(x), [r['data'] for r in rows], rotation=45, ha='right', fontsize=8)
-    ax.set_ylabel('test top-1 %')
+    ax.set(ylabel='test top-1 %', ylim=(0, 100))
     ax.set_title(f"{spec['method']}, {spec['pretrain']}", fontsize=9)
-    ax.set_ylim(0, 100)
     ax.legend(fontsize=8, loc='lower center', bbox_to_anchor=(0.5, 1.1), ncol=2, frameon=False)  # above the bars
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
+    fig.savefig(os.path.join(spec['out'], 'results.png'), dpi=100)
 
 
 def main(argv):
@@ -747,27 +532,22 @@ def main(argv):
     spec = dict(method=args.method, pretrain=args.pretrain, arch=args.arch, img_size=args.img_size,
                 weights=os.path.abspath(args.weights) if args.weights else None, data_root=args.data_root,
                 data=names, grid=grid_of(args, extra), seeds=args.seeds, extra=extra, out=out)
-    for cell in phase1_cells(spec, names[0]):  # train.py's own check of every cell's flags, before anything runs
+    for cell in dataset(spec, names[0])[0]:  # train.py's own check of every cell's flags, before anything runs
         intended_config(cell.args)
     if args.dry_run:
         dry_run(spec)
         return 0
-    for name in names:  # every existing cell directory must hold this sweep's configuration
-        for cell in phase1_cells(spec, name) + phase2_cells(spec, name):
+    for name in names:  # every existing cell directory (both phases) must hold this sweep's configuration
+        for cell in sum(dataset(spec, name)[:2], []):
             cell.check()
     os.makedirs(out, exist_ok=True)
     runs.atomic_json(spec, os.path.join(out, 'sweep.json'))
-    if args.print_commands:
-        print_commands(spec)
+    if args.print_commands:  # phase 2 appears once a dataset's phase 1 has finished
+        for task in (t for name in names for t in todo(spec, name)):
+            os.makedirs(task.dir, exist_ok=True)
+            print(shlex.join(task.command()) + ' > ' + shlex.quote(task.log) + ' 2>&1')
         return 0
-    if args.launcher == 'local':
-        gpus = visible_gpus(args.gpus)
-        launcher = LocalLauncher(args.jobs or max(len(gpus), 1), gpus)
-    else:
-        launcher = SubmititLauncher(args, out)
-    t0 = time.time()
-    failed = execute(spec, launcher)
-    print(f"sweep finished in {hms(time.time() - t0)}; {len(failed)} failed; report in {out}/results.md", flush=True)
+    failed = execute(spec, Launcher(args, out))
     report(out)
     for cell in failed:
         print(f"error: {cell.data} {cell.key} failed; see {cell.log}", file=sys.stderr)
