@@ -4,16 +4,17 @@ Speed, memory and FLOPs of every method side by side, as ratios against fixed ta
     python bench.py --methods vpt,lspt --prompts 50,100 --json > bench.json   # CUDA + bf16 if there, else CPU fp32
 
 The rows. backbone (ours) and timm ViT (same weights): fwd = forward_features; train = fwd+bwd through the frozen
-blocks, gradient to the input tokens only (a fixed head on cls): the floor of every prompt method. Each method at its defaults, at each --prompts P, lspt without prompt dropout, sa2vp without its
-backbone dropout, each with grad checkpointing (its memory and time as multiples of the default's): fwd = eval
-forward under no_grad; train = zero_grad, model.loss, backward and a step of the optimizer of the method's recipe as
-train.py builds it. spt init <strategy>: SPT.init_prompts over --spt-images random images, timed in the last
---init-iters rounds. spt epoch (estimated): ceil(spt_images / batch) x the median spt train step.
+blocks, gradient to the input tokens only (a fixed head on cls): the floor of every prompt method. Each method at its
+defaults, at each --prompts P, its class's bench variants (lspt without prompt dropout, sa2vp without its backbone
+dropout), each with grad checkpointing (memory and time as multiples of the default's): fwd = eval forward under
+no_grad; train = zero_grad, model.loss, backward and a step of the optimizer of the method's recipe as train.py builds
+it. <method> init <strategy> (a class's bench['init']: SPT): init_prompts over --spt-images random images, timed in
+the last --init-iters rounds; <method> epoch (estimated): ceil(spt_images / batch) x its median train step.
 
 Each round runs every timed call once, round-robin from a rotating start, so machine noise hits all rows alike; the
 --warmup rounds are dropped, times are medians of the --iters rounds and ratios medians of the per-round ratios. A
-target passes when every round's ratio is within its bound, MISSes when every one is above it, and is unresolved
-when they straddle it (noise decides: run more --iters on a quieter machine). The targets:
+target passes when every round's ratio is within its bound, MISSes when all are above it, is unresolved when they
+straddle it (noise decides: run more --iters on a quieter machine). The targets, each class's `bench` in methods.py:
   ours / timm fwd+bwd <= 1.05  models.py is a readable copy of timm's ViT on the same kernels: at most 5% slower.
   VPT, SPT <= 1.1 x (N+P)/N    of the backbone (N = 197 for ViT-B/16): prompts only lengthen the sequence (+10%).
   LSPT <= 1.3 x VPT-deep       at the same P: its shared LSTMCell adds 19% forward FLOPs at P = 100 for ViT-B.
@@ -51,7 +52,6 @@ import models
 import runs
 import train
 
-SPT_STRATEGIES = ('random', 'mean', 'max', 'kmeans')
 GPU_RATE = 2500  # images/s a current datacenter GPU consumes for VPT-deep ViT-B/16 in bf16 (an estimate)
 LOADER_SETS = (  # (label, data name, (width, height)): FGVC photos, and VTAB-1k's typical image sizes
     ('fgvc train 500x375', 'cub', (500, 375)), ('vtab 32x32 (cifar, svhn)', 'vtab-cifar', (32, 32)),
@@ -208,18 +208,20 @@ def summarise(rows, base):
                  target_pass={'pass': True, 'MISS': False}.get(v),
                  target=f"{text} {value:.2f} (rounds {lo:.2f}-{hi:.2f}) <= {bound:.2f} {v}")
 
+    epochs = {}
     for r in rows:
         r['fwd_ms'], r['train_ms'] = [statistics.median(t) if t else None
                                       for t in (r['fwd_times_ms'], r['train_times_ms'])]
-        if r['role'] == 'spt-epoch':   # the last row
-            r['train_ms'] = epoch = r['steps'] * r.pop('of')['train_ms']
+        if r['role'] == 'epoch':   # after its method's rows
+            r['train_ms'] = epochs[r['method']] = r['steps'] * r.pop('of')['train_ms']
     bb, tm, N1 = rows[0], rows[1], base.num_patches + 1
-    vpt_at = {r['prompts']: r for r in rows if r['method'] == 'vpt' and r['role'] in ('method', 'prompts')}
+    at = {(r['method'], r['prompts']): r for r in rows if r['role'] in ('method', 'prompts')}
     for r in rows:
         m, P, role = r['method'], r['prompts'], r['role']
         r['ratio'] = spread(r, bb)[0]
         if r['fwd_ms'] is not None:
             r['fwd_ratio'] = spread(r, bb, 'fwd')[0]
+        target = methods.METHODS[m].bench.get('target') if m else None
         if role == 'grad-ckpt':   # against its default row, no target
             d = r.pop('of')
             mem = r['mem_train_ratio'] = (r['mem_train_mb'] / d['mem_train_mb']
@@ -228,16 +230,17 @@ def summarise(rows, base):
             r['note'] = f"train memory {fmt(mem, '.2f')}x, time {r['time_ratio']:.2f}x of the default"
         elif role == 'backbone':
             judge(r, spread(bb, tm), 1.05, 'ours/timm fwd+bwd')
-        elif m in ('vpt', 'spt') and role in ('method', 'prompts'):
-            judge(r, spread(r, bb), 1.1 * (N1 + P) / N1, f'/backbone, 1.1x({N1}+{P})/{N1}:')
-        elif m == 'lspt' and P in vpt_at:
-            judge(r, spread(r, vpt_at[P]), 1.3, f"/vpt-deep P={P}")
-        elif m == 'sa2vp':
-            judge(r, spread(r, bb), 2.4, '/backbone')
-        elif role == 'spt-init':   # against an estimated epoch: one value
+        elif target and role in ('method', 'prompts', 'variant'):   # methods.Tuner.bench
+            against, bound = target
+            ref = bb if against == 'backbone' else at.get((against, P))
+            if bound == 'tokens':
+                bound, against = 1.1 * (N1 + P) / N1, f'backbone, 1.1x({N1}+{P})/{N1}:'
+            if ref is not None:
+                judge(r, spread(r, ref), bound, f"/{against}" + (f" P={P}" if ref is not bb else ''))
+        elif role == 'init':   # against an estimated epoch: one value
             r['note'] = f"{r['images']} images, {r['images_run']} run"
-            v = r['train_ms'] / epoch
-            judge(r, (v, v, v), 1.0 if r['options']['spt_init'] == 'kmeans' else 0.25, 'init/epoch')
+            v = r['train_ms'] / epochs[m]
+            judge(r, (v, v, v), methods.METHODS[m].bench['init'][r['strategy']], 'init/epoch')
 
 
 def fmt(v, spec):
@@ -326,12 +329,11 @@ def loader_markdown(rows):
 
 # --- the linear-probe grid
 def linear_grid(args):
-    """The linear-probe grid in one train.py run (features cached) vs one run per cell, 8 cells on digits, in-process,
-    order alternating; backbone forwards: epochs x (800 train + 200 val) per cell vs 800 + 200 for the grid."""
+    """The linear-probe grid in one train.py run (features cached) vs one run per cell: 8 cells on digits, in-process."""
     lrs, wds = ['0.5', '0.2', '0.1', '0.05'], ['0.0', '0.001']
-    common = ['--method', 'linear', '--arch', 'vit_micro_patch8', '--pretrain', 'none', '--data', 'digits',
-              '--img-size', '16', '--epochs', str(args.grid_epochs), '--batch-size', '32', '--warmup-epochs', '0',
-              '--workers', '0', '--log-interval', '0']
+    common = ['--method', next(m for m, c in methods.METHODS.items() if c.grid_in_one_pass), '--data', 'digits',
+              '--arch', 'vit_micro_patch8', '--pretrain', 'none', '--img-size', '16', '--epochs', str(args.grid_epochs),
+              '--batch-size', '32', '--warmup-epochs', '0', '--workers', '0', '--log-interval', '0']
     runs = {'grid': [['--lr', ','.join(lrs), '--wd', ','.join(wds)]],
             'separate': [['--lr', lr, '--wd', wd] for lr in lrs for wd in wds]}
     times = {'grid': [], 'separate': []}
@@ -420,42 +422,40 @@ def run(args, command):
 
     defaults = {}   # method -> (its arm without ' (default)', its default row)
     for m in args.methods:
+        cls = methods.METHODS[m]
         r, model = add_method(m, 'method', m, default=True)
-        name = label = {'vpt': 'vpt-deep', 'spt': 'spt-deep'}.get(m, m)
+        name = m
         if m in methods.PROMPTED:
-            name = f"{label} P={r['prompts']}"
-            r['arm'] = f"{name} (default)"
-            ps = set(args.prompts) | ({methods.init_options(methods.LSPT)['prompts']}   # LSPT's target: VPT at its P
-                                      if m == 'vpt' and 'lspt' in args.methods else set())
-            for P in sorted(ps - {r['prompts']}):
-                add_method(f"{label} P={P}", 'prompts', m, {'prompts': P})
-        if m == 'lspt':
-            add_method(f"{name} dropout 0", 'lspt-nodrop', m, {'prompt_dropout': 0.0})
-        if m == 'sa2vp':   # the official dropout 0.1 in the frozen backbone is RNG-bound on the CPU: show its share
-            name = r['arm'] = f"sa2vp t={model.ppt.shape[-1]}"
-            add_method(f"{name} no dropout", 'sa2vp-nodrop', m, {'sa2vp_dropout': False})
+            name = r['arm'] = f"{m} P={r['prompts']}"
+            r['arm'] += ' (default)'
+            compared = {methods.init_options(methods.METHODS[o])['prompts'] for o in args.methods  # a target's P
+                        if methods.METHODS[o].bench.get('target', ('',))[0] == m}
+            for P in sorted(set(args.prompts) | compared - {r['prompts']}):
+                add_method(f"{m} P={P}", 'prompts', m, {'prompts': P})
+        for label, options in cls.bench.get('variants', {}).items():   # e.g. without dropout: its share of the time
+            add_method(f"{name} {label}", 'variant', m, options)
         defaults[m] = (name, r)
     for m, (name, d) in defaults.items():
-        if m != 'linear':   # linear runs its blocks under no_grad: nothing to checkpoint
+        if not methods.METHODS[m].grid_in_one_pass:   # linear runs its blocks under no_grad: nothing to checkpoint
             add_method(f"{name} grad checkpointing", 'grad-ckpt', m, grad_checkpointing=True)[0]['of'] = d
 
-    if 'spt' in args.methods:
+    for m in [m for m in args.methods if 'init' in methods.METHODS[m].bench]:   # a prompt init from the data (SPT)
         g = torch.Generator().manual_seed(args.seed)
         imgs = CountingImages(torch.randn(args.spt_images, 3, args.img_size, args.img_size, generator=g))
         loader = torch.utils.data.DataLoader(imgs, batch_size=args.batch_size, shuffle=False)  # as train.py's
-        spt = methods.build_model('spt', copy.deepcopy(base), args.num_classes).to(device)
-        for s in SPT_STRATEGIES:
-            r = row(f"spt init {s}", 'spt-init', 'spt', {'spt_init': s}, spt, images=args.spt_images)
+        model = methods.build_model(m, copy.deepcopy(base), args.num_classes).to(device)
+        for s in methods.METHODS[m].bench['init']:
+            r = row(f"{m} init {s}", 'init', m, {}, model, images=args.spt_images, strategy=s)
 
-            def init(x, y, s=s, r=r):   # s and r bound now, as the loop goes on
+            def init(x, y, s=s, r=r, model=model):   # bound now, as the loop goes on
                 imgs.reads = 0
                 with autocast():
-                    spt.init_prompts(loader, strategy=s, generator=torch.Generator().manual_seed(0))
+                    model.init_prompts(loader, strategy=s, generator=torch.Generator().manual_seed(0))
                 r['images_run'] = imgs.reads
-            add(r, step=init, flops=lambda: spt.layer_tokens(x1))
-        d, steps = defaults['spt'][1], math.ceil(args.spt_images / args.batch_size)
-        add(row('spt epoch (estimated)', 'spt-epoch', 'spt', {}, spt, gflops=d['gflops'], steps=steps, of=d,
-                note=f"{steps} steps x median spt train step"))
+            add(r, step=init, flops=getattr(model, 'layer_tokens', None) and (lambda: model.layer_tokens(x1)))
+        d, steps = defaults[m][1], math.ceil(args.spt_images / args.batch_size)
+        add(row(f'{m} epoch (estimated)', 'epoch', m, {}, model, gflops=d['gflops'], steps=steps, of=d,
+                note=f"{steps} steps x median {m} train step"))
 
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(args.num_classes, (args.batch_size,), device=device)
@@ -466,7 +466,7 @@ def run(args, command):
     for it in range(n):
         t_round, shift = time.perf_counter(), it % len(phases)
         for r, key, fn in phases[shift:] + phases[:shift]:
-            if r['role'] == 'spt-init' and it < n - args.init_iters:
+            if r['role'] == 'init' and it < n - args.init_iters:
                 continue
             t = seconds(lambda: fn(x, y), device)
             if it >= args.warmup:

@@ -60,20 +60,27 @@ VTAB = {
 VTAB_SPLITS = ('train800', 'val200', 'train800val200', 'test')
 SPLIT_ALIASES = {'train': 'train800', 'val': 'val200', 'trainval': 'train800val200'}  # VTAB and digits
 
-DATASETS = list(FGVC) + [f'vtab-{t}' for t in VTAB] + ['digits']
+DATASETS = list(FGVC) + [f'vtab-{t}' for t in VTAB] + ['digits', 'imagefolder']
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')  # torchvision's
 
 
 def _kind(name):
-    """'fgvc', 'vtab' or 'digits'; a ValueError listing the valid names otherwise."""
+    """'fgvc', 'vtab', 'digits' or 'imagefolder'; a ValueError listing the valid names otherwise."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     return 'fgvc' if name in FGVC else 'vtab' if name.startswith('vtab-') else name
 
 
+def augments(name):
+    """Whether the training transform is random: FGVC's and a user's image folders'; VTAB and digits have none."""
+    return _kind(name) in ('fgvc', 'imagefolder')
+
+
 def num_classes(name):
-    """The benchmark's class count (FGVC: 200/555/102/120/196; VTAB: the VTAB table above; digits: 10)."""
+    """The benchmark's class count (FGVC: 200/555/102/120/196; VTAB: the table above; digits: 10; imagefolder: None,
+    its train/ folders)."""
     kind = _kind(name)
-    return FGVC[name][2] if kind == 'fgvc' else VTAB[name[5:]] if kind == 'vtab' else 10
+    return FGVC[name][2] if kind == 'fgvc' else VTAB[name[5:]] if kind == 'vtab' else 10 if kind == 'digits' else None
 
 
 def default_data_root():
@@ -91,6 +98,10 @@ def expected_layout(name, folder=None):
         return (f"{folder or Path('<root>', 'vtab-1k', name[5:])}/\n"
                 f"    train800.txt, val200.txt, train800val200.txt, test.txt   lines \"<relative path> <label>\"\n"
                 f"    images/<split>/000000.jpg, ...                           the images (NOAH get_vtab1k.py)")
+    if _kind(name) == 'imagefolder':
+        return (f"{folder or '<root>'}/\n    train/<class>/<image>, ...   the classes are train's folders\n"
+                f"    val/<class>/<image>, ...     (for --eval-split val)\n    test/<class>/<image>, ...    (for "
+                f"--eval-split test)")
     return "digits is bundled with scikit-learn; it has no folder"
 
 
@@ -101,6 +112,12 @@ def dataset_dir(name, root=None):
     if kind == 'digits':
         return None
     root = Path(root if root is not None else default_data_root())
+    if kind == 'imagefolder':  # the root is the folder
+        if not (root / 'train').is_dir():
+            raise FileNotFoundError(f"{root / 'train'} not found: --data imagefolder needs --data-root DIR with one "
+                                    f"folder of images per class in DIR/train.\nExpected layout:\n"
+                                    f"{expected_layout(name, root)}")
+        return root
     marker = 'train.json' if kind == 'fgvc' else 'train800.txt'
     sub = root / FGVC[name][0] if kind == 'fgvc' else root / 'vtab-1k' / name[5:]
     if (root / marker).is_file():
@@ -118,7 +135,7 @@ def split_names(name, eval_split):
     test: FGVC train / test (VPT trains FGVC on train.json alone), VTAB and digits train800val200 / test."""
     if eval_split not in ('val', 'test'):
         raise ValueError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
-    if _kind(name) == 'fgvc':
+    if _kind(name) in ('fgvc', 'imagefolder'):
         return ('train', eval_split)
     return ('train800', 'val200') if eval_split == 'val' else ('train800val200', 'test')
 
@@ -130,7 +147,7 @@ def build_transform(name, train, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_
     kind = _kind(name)
     if kind == 'digits':
         return None
-    if kind == 'fgvc':
+    if kind in ('fgvc', 'imagefolder'):
         crop = [T.RandomCrop(img_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(img_size)]
         steps = [T.Resize(round(img_size * 256 / 224)), *crop]
     else:
@@ -204,6 +221,25 @@ def read_vtab(name, split, folder):
     if not samples:
         raise ValueError(f"{path} lists no images")
     return samples
+
+
+def read_imagefolder(split, folder):
+    """([(image path, label)], classes) of DIR/<split>/<class>/<image> (torchvision's ImageFolder layout): the classes
+    are train/'s folders in sorted order, the same label map for every split; a class folder of val/ or test/ that
+    train/ lacks is an error."""
+    classes = sorted(d.name for d in (folder / 'train').iterdir() if d.is_dir())
+    path = folder / split
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found: --data imagefolder has no {split} split there (without val/, "
+                                f"use --eval-split test)\nExpected layout:\n{expected_layout('imagefolder', folder)}")
+    unknown = sorted(d.name for d in path.iterdir() if d.is_dir() and d.name not in classes)
+    if unknown:
+        raise ValueError(f"{path}: class folder(s) {', '.join(unknown[:5])} are not in {folder / 'train'}")
+    samples = [(str(f), label) for label, c in enumerate(classes) if (path / c).is_dir()
+               for f in sorted((path / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not samples:
+        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}) in class folders")
+    return samples, len(classes)
 
 
 # -----------------------------------------------------------------------------
@@ -284,7 +320,7 @@ def build_dataset(name, split, root=None, img_size=224, mean=IMAGENET_MEAN, std=
                   strict_classes=True):
     """Split `split` of dataset `name` (DATASETS): items (float32 (3, img_size, img_size), int label); .samples
     [(path or digits index, label)], .num_classes (the head's), .name, .split, .root (its folder).
-    split: FGVC train/val/test; VTAB and digits train800/val200/train800val200/test (or train/val/trainval).
+    split: FGVC, imagefolder train/val/test; VTAB, digits train800/val200/train800val200/test (or train/val/trainval).
     train=True: the augmenting transform (FGVC only). Only this split's file is read, plus FGVC's train.json for its
     label map. strict_classes: see read_fgvc."""
     kind = _kind(name)
@@ -294,6 +330,8 @@ def build_dataset(name, split, root=None, img_size=224, mean=IMAGENET_MEAN, std=
     transform = build_transform(name, train, img_size, mean, std)
     if kind == 'fgvc':
         samples, classes = read_fgvc(name, split, folder, strict_classes)
+    elif kind == 'imagefolder':
+        samples, classes = read_imagefolder(split, folder)
     else:
         split = SPLIT_ALIASES.get(split, split)
         samples, classes = read_vtab(name, split, folder), VTAB[name[5:]]

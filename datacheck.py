@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data import DATASETS, FGVC_SPLITS, VTAB_SPLITS, ImageError, _kind, build_dataset
+from data import DATASETS, FGVC_SPLITS, VTAB_SPLITS, ImageError, _kind, build_dataset, dataset_dir
 
 
 def unreadable(path):
@@ -36,6 +36,8 @@ def check(name, root=None, decode=False, workers=None):
     """
     kind = _kind(name)
     splits = FGVC_SPLITS if kind == 'fgvc' else VTAB_SPLITS
+    if kind == 'imagefolder':  # the splits that are there (train must be)
+        splits = [s for s in FGVC_SPLITS if (dataset_dir(name, root) / s).is_dir()]
     rows, bad, seen = [], [], set()
     for split in splits:
         ds = build_dataset(name, split, root)

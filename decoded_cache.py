@@ -43,10 +43,10 @@ class DecodedCache(Dataset):
     Build time: one decode of every image, spread over `workers` processes."""
 
     def __init__(self, dataset, train, img_size=224, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, workers=0):
-        fgvc = dataset.name in data.FGVC
+        fgvc = data.augments(dataset.name)   # FGVC's transforms (a user's image folders too)
         if not fgvc and not dataset.name.startswith('vtab-'):
-            raise ValueError(f"the decoded cache is for FGVC and VTAB image files; {dataset.name} is held in "
-                             f"memory already: drop --decoded-cache")
+            raise ValueError(f"the decoded cache is for image files; {dataset.name} is held in memory already: drop "
+                             f"--decoded-cache")
         self.name, self.split, self.root = dataset.name, dataset.split, dataset.root
         self.samples, self.num_classes = dataset.samples, dataset.num_classes
         self.labels = [label for _, label in self.samples]

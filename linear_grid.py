@@ -100,7 +100,7 @@ def run(cfg, device, log=print):
     cells = [dict(c, num_classes=train_ds.num_classes) for c in cells]
     model = train.build(cells[0], device)  # every cell's separate run builds exactly this (same seed)
     tuned, total = sum(p.numel() for p in model.head.parameters()), sum(p.numel() for p in model.parameters())
-    cached = cfg['data'] not in data.FGVC  # VTAB and digits train without augmentation
+    cached = not data.augments(cfg['data'])  # VTAB and digits train without augmentation
     heads = Heads(model, len(cells), cached).to(device)
     opts = [train.make_optimizer(cell, c) for cell, c in zip(heads.cells, cells)]
     opt, dtype = Optimizers(opts), train.amp_dtype(cfg['amp'], device)
@@ -143,7 +143,7 @@ def run(cfg, device, log=print):
             runs.save_epoch(c['out'], row, 0, dict(
                 model=methods.tuned_state_dict(heads.cells[k]), optimizer=opts[k].state_dict(),
                 scaler=scaler.state_dict(), step=step, epoch=epoch + 1, args=records[k],
-                identity=model.backbone.identity, method='linear', wall_time_s=time.time() - t_run))
+                identity=model.backbone.identity, method=cfg['method'], wall_time_s=time.time() - t_run))
         shown = ', '.join('-' if a is None or not ok else f"{a:.1f}" for a, ok in zip(acc, live))
         log(f"epoch {epoch + 1}/{cfg['epochs']}: {cfg['eval_split_name']} accuracy per head {shown}; "
             f"{time.time() - t0:.1f}s", flush=True)

@@ -3,16 +3,15 @@ eval.py --maps N: for each of the first N images of a split, one figure RUN/maps
 (de-normalised), the map overlaid on it with a colour bar, and a title with the split, the image's index in it
 and its true and predicted class (names where the dataset has them, class_names).
 
-The attention map is the last block's cls-to-patch attention averaged over heads: the block's input is captured
-with a forward hook on blocks[-1].norm1 (its first call in a forward is the image stream for every method,
-SA²VP included) and softmax(q k^T / sqrt(d)) is recomputed with attn.split_qkv; the cls row over the last N keys
-(the patches) is reshaped to the patch grid. For SA²VP a second panel shows the cosine similarity between the
-prompt map entering block 0 (prompt_map()[0, 1:] + pos_embed[0, 1:]) and the image's patch embeddings entering
-block 0. All maps of one kind share one colour scale, the minimum to the maximum over the N images, so figures
-of one run compare directly. A patch grid below 7x7 gets a warning: a map of so few cells says little.
+The attention map is the last block's cls-to-patch attention averaged over heads, as the model's own forward
+computed it (a method's change of the attention logits included): models.Attention records the probabilities it
+uses; the cls row over the last N keys (the patches) is reshaped to the patch grid. A method with a 2-D prompt map
+(SA²VP) gets a second panel: the cosine similarity between the prompt map entering block 0 (prompt_map()[0, 1:] +
+pos_embed[0, 1:]) and the image's patch embeddings entering block 0. All maps of one kind share one colour scale,
+the minimum to the maximum over the N images, so figures of one run compare directly. A patch grid below 7x7 gets a
+warning: a map of so few cells says little.
 """
 
-import math
 import os
 import re
 import sys
@@ -24,23 +23,24 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def attention_map(model, x):
-    """Last block's cls-to-patch attention, mean over heads: (B, 3, H, W) -> (B, h, w)."""
+    """The last block's cls-to-patch attention in the forward the model runs, mean over heads: (B, 3, H, W) ->
+    (B, h, w). The block's Attention records every call's probabilities (models.Attention.record); the first call is
+    the image stream's own attention for every method (SA²VP runs it before its cross-attention)."""
     bb = model.backbone
-    blk = bb.blocks[-1]
-    seen = []
-    hook = blk.norm1.register_forward_hook(lambda m, i, o: seen.append(o) if not seen else None)  # first call only
+    attn = bb.blocks[-1].attn
+    attn.record = []
     try:
         model(x)
+        probs = attn.record[0]                                                # (B, H, T, T)
     finally:
-        hook.remove()
-    q, k, _ = blk.attn.split_qkv(seen[0])                                     # each (B, H, T, d)
-    attn = (q[:, :, :1] @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)  # (B, H, 1, T)
-    return attn[:, :, 0, -bb.num_patches:].mean(1).reshape(-1, *bb.grid)      # (B, h, w)
+        attn.record = None
+    return probs[:, :, 0, -bb.num_patches:].mean(1).reshape(-1, *bb.grid)    # the cls row over the patch keys
 
 
 @torch.no_grad()
 def similarity_map(model, x):
-    """SA²VP: cosine similarity of the prompt map and the patch embeddings entering block 0: (B, h, w)."""
+    """A method with a 2-D prompt map (SA²VP's prompt_map): its cosine similarity with the patch embeddings entering
+    block 0, (B, h, w)."""
     bb = model.backbone
     prompt = model.prompt_map()[0, 1:] + bb.pos_embed[0, 1:]                 # (N, D)
     patches = bb.embed(x)[:, 1:]                                              # (B, N, D)
@@ -59,7 +59,7 @@ def write_maps(model, ds, n, batch_size, device, mean, std, folder, split_name):
     os.makedirs(folder, exist_ok=True)
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     kinds = {'attention': attention_map}
-    if model.method == 'sa2vp':
+    if hasattr(model, 'prompt_map'):
         kinds['similarity'] = similarity_map
     names = class_names(ds)
     name = (lambda c: names[c]) if names else str

@@ -54,6 +54,13 @@ class Tuner(nn.Module):
     flags = {}
     grid_in_one_pass = False  # train.py trains a comma list of --lr / --wd in one pass (linear_grid.py): Linear only
     grad_checkpointing = False  # see set_grad_checkpointing
+    # for the tools; a new class inherits these. sweep.py's lr x wd grid (base: lrs are VPT's base lrs, x batch / 256;
+    # KMnP/vpt tune_vtab.py's prompt grid); bench.py: target=(row to compare with: 'backbone' or a method at the same
+    # P, bound or 'tokens' = 1.1 (N+P)/N), variants={label: options}; the options that turn training's randomness off
+    # (the precision tests); the papers' top-1 per pretrain (CUB, NABirds, Flowers, Dogs, Cars, FGVC mean, VTAB
+    # Natural, Specialized, Structured) for sweep.py's report
+    sweep_grid = dict(lr=[50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05], wd=[0.01, 0.001, 0.0001, 0], base=True)
+    bench, deterministic, papers = {}, {}, {}
 
     def __init__(self, backbone):
         super().__init__()
@@ -87,6 +94,16 @@ class Tuner(nn.Module):
         self.grad_checkpointing = enable
         return self
 
+    def block(self, i, x):
+        """Frozen block i on tokens x (B, T, D), as every method runs a block: with the change of its attention logits
+        that attention(i, x) gives, checkpointed under --grad-checkpointing."""
+        return self.block_call(self.backbone.blocks[i], x, *self.attention(i, x))
+
+    def attention(self, i, x):
+        """(bias, scale) of block i's attention logits on tokens x (models.Attention.attend): None, None = unchanged.
+        A method that changes attention (a temperature, a bias, a mask; learnable or not) overrides this."""
+        return None, None
+
     def block_call(self, fn, *args):
         """fn(*args), checkpointed when grad checkpointing is on and autograd records. Non-reentrant checkpoint restores
         the RNG state to recompute: dropout in fn (SA²VP's) draws the same masks, the RNG ends as without it."""
@@ -119,8 +136,8 @@ class Linear(Tuner):
     def backbone_features(self, x):
         """The plain backbone's readout: (B, 3, H, W) -> (B, D)."""
         t = self.backbone.embed(x)
-        for blk in self.backbone.blocks:
-            t = self.block_call(blk, t)
+        for i in range(len(self.backbone.blocks)):
+            t = self.block(i, t)
         return pool(self.backbone, t, self.readout)
 
     def features(self, x):
@@ -137,6 +154,7 @@ class Full(Linear):
     backbone_train_mode = True
     grid_in_one_pass = False
     recipe = dict(Linear.recipe, lr=0.0025, wd=1e-4)  # VPT's full fine-tune baseline, same caveat
+    sweep_grid = dict(Linear.sweep_grid, lr=[0.005, 0.001, 0.0005, 0.0001])  # KMnP/vpt tune_vtab.py, finetune
 
     def __init__(self, backbone, num_classes, readout=None):
         super().__init__(backbone, num_classes, readout)
@@ -166,6 +184,10 @@ class VPT(Tuner):
     # KMnP/vpt: base lr 1.0 at batch 256 -> 0.25 at 64; wd on every tuned tensor but the head bias
     recipe = dict(optimizer='sgd', lr=0.25, wd=1e-3, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
                   min_lr=0)
+    bench, deterministic = dict(target=('backbone', 'tokens')), dict(prompt_dropout=0.0)
+    papers = {'in21k': ('SA²VP Tables 1, 3', (88.5, 84.2, 99.0, 90.2, 83.6, 89.11, 78.48, 82.43, 54.98)),
+              'mae': ('SPT Table 2', (68.33, 65.22, 80.05, 78.83, 67.67, 72.02)),  # FGVC only
+              'mocov3': ('SPT Table 2', (82.67, 75.99, 94.41, 83.33, 79.18, 83.12))}
     flags = dict(prompts=(int, "prompt tokens per set", None),
                  depth=(('shallow', 'deep'), "shallow: one set before block 0; deep: one before every block", None),
                  prompt_dropout=(float, "dropout on the prompts, a mask per image", "0.1 deep, 0 shallow"),
@@ -201,12 +223,12 @@ class VPT(Tuner):
 
     def features(self, x):
         x = self.backbone.embed(x)                                            # (B, 1+N, D)
-        for i, blk in enumerate(self.backbone.blocks):
+        for i in range(len(self.backbone.blocks)):
             if i == 0:
                 x = self.insert(x, 0, replace=False)
             elif self.deep:
                 x = self.insert(x, i, replace=True)
-            x = self.block_call(blk, x)                                       # (B, 1+P+N, D)
+            x = self.block(i, x)                                              # (B, 1+P+N, D)
         return pool(self.backbone, x, self.readout)
 
     def forward(self, x):
@@ -236,6 +258,13 @@ class SPT(VPT):
     # WangYZ1608/Self-Prompt-Tuning: wd 1e-2 on the prompts, 1.0 on the head weight, none on biases / 1-D tensors
     recipe = dict(optimizer='adamw', lr=1e-3, wd=1e-2, wd_head=1.0, batch_size=32, epochs=100, warmup_epochs=10,
                   min_lr=1e-8)
+    sweep_grid = dict(lr=[5e-3, 2e-3, 1e-3, 5e-4, 2e-4], wd=[1e-1, 1e-2, 1e-3], base=False)  # around the paper's
+    # bench.py also times init_prompts per strategy against one training epoch: kmeans <= 1, the others <= 0.25
+    bench = dict(VPT.bench, init={'random': 0.25, 'mean': 0.25, 'max': 0.25, 'kmeans': 1.0})
+    deterministic = {}
+    papers = {'in21k-augreg': ('SPT Table 3', (90.6, 87.6, 99.8, 89.8, 89.2, 91.40, 82.27, 85.48, 58.91)),
+              'mae': ('SPT Table 2', (80.13, 76.28, 93.07, 82.23, 84.61, 83.26, 67.19, 83.15, 59.23)),
+              'mocov3': ('SPT Table 2', (84.47, 77.63, 96.10, 85.84, 85.98, 86.00, 76.20, 84.95, 58.36))}
     flags = dict(VPT.flags, prompts=(int, "prompt tokens per set", "20 deep, 100 shallow"),
                  spt_init=(('random', 'mean', 'max', 'kmeans'), "prompt init from the backbone's own tokens", None),
                  spt_kmeans_tokens=(int, "k-means subsample of tokens per layer", None))
@@ -456,8 +485,13 @@ class LSPT(Tuner):
     patch_centroids); gru is Table C.1. With lspt_lpc none the new set (plus the patch mean if GSPC is on) replaces the
     slots (the paper defines no GSPC-only model; our reading); with both none this is VPT-deep."""
 
-    # GaPT's recipe
+    # GaPT's recipe; no published grid: GaPT's absolute lr 0.1 and below (the LSTM shares the prompts' lr)
     recipe = dict(optimizer='sgd', lr=0.1, wd=0, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10, min_lr=0)
+    sweep_grid = dict(Tuner.sweep_grid, lr=[0.5, 0.25, 0.1, 0.05, 0.025, 0.01], base=False)
+    bench = dict(target=('vpt', 1.3), variants={'dropout 0': dict(prompt_dropout=0.0)})
+    deterministic = dict(prompt_dropout=0.0)
+    papers = {'mae': ('LSPT Tables 1, 2', (73.86, 71.73, 82.32, 82.05, 74.75, 76.94, 52.36, 80.75, 41.72)),
+              'mocov3': ('LSPT Tables 1, 2', (84.29, 77.16, 95.06, 84.25, 80.12, 84.18, 77.19, 85.69, 52.82))}
     flags = dict(VPT.flags, prompt_dropout=(float, "dropout on the prompts, a mask per image", None),
                  lspt_gspc=(('mean', 'kmeans', 'none'), "GSPC, the patch context added to the prompts", None),
                  lspt_lpc=(('lstm', 'gru', 'none'), "LPC, the recurrent cell carried over depth", None))
@@ -520,8 +554,8 @@ class LSPT(Tuner):
         cls, X = x[:, :1], x[:, 1:]
         xp = self.new_prompts(0, B).expand(B, -1, -1)                         # block 1's prompts: P^0
         C = x.new_zeros(B, P, x.shape[-1])                                    # C^0 = 0
-        for l, blk in enumerate(self.backbone.blocks):
-            y = self.block_call(blk, torch.cat([cls, xp, X], dim=1))          # (B, 1+P+N, D)
+        for l in range(L):
+            y = self.block(l, torch.cat([cls, xp, X], dim=1))                 # (B, 1+P+N, D)
             cls, xp_hat, X = y[:, :1], y[:, 1:1 + P], y[:, 1 + P:]
             if l == L - 1:
                 xp = xp_hat                                                   # no coding after the last block
@@ -640,6 +674,10 @@ class SA2VP(Tuner):
     # tommy-xq/SA2VP: wd not on biases and 1-D tensors
     recipe = dict(optimizer='adamw', lr=1e-3, wd=1e-4, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
                   min_lr=1e-7)
+    sweep_grid = dict(lr=[5e-3, 2e-3, 1e-3, 5e-4, 2e-4], wd=[1e-3, 1e-4, 0], base=False)  # around the paper's
+    bench = dict(target=('backbone', 2.4), variants={'no dropout': dict(sa2vp_dropout=False)})
+    deterministic = dict(sa2vp_dropout=False)
+    papers = {'in21k': ('SA²VP Tables 1, 3', (89.1, 85.8, 99.3, 92.1, 84.1, 90.08, 80.97, 85.73, 60.80))}
     flags = dict(sa2vp_dim=(int, "t, the rank of the prompt maps", "per dataset (SA2VP_SETTINGS), else 16"),
                  sa2vp_gamma=(float, "gamma, the weight of the adapter outputs", "per dataset, else 0.1"),
                  sa2vp_lambda=(float, "loss weight of the base logits", None),
@@ -692,17 +730,17 @@ class SA2VP(Tuner):
         attn = blk.attn
         qh, kh, vh = attn.split_qkv(blk.norm1(h))                             # each (B, H, 1+N, d)
         qp, kp, vp = attn.split_qkv(blk.norm1(p))
+        self_h = attn.attend(qh, kh, vh)                                      # first: the image's own attention
         b2p = l in self.B2P
-        mask = self.mask
         if b2p:   # the prompt queries the base
-            cross = F.scaled_dot_product_attention(qp, kh, vh, attn_mask=mask)
+            cross = attn.attend(qp, kh, vh, self.mask)
         else:     # the base queries the prompt
-            cross = F.scaled_dot_product_attention(qh, kp, vp, attn_mask=mask)
+            cross = attn.attend(qh, kp, vp, self.mask)
         cross = (p if b2p else h) + self.drop(attn.proj(attn.merge_heads(cross)))  # residual: raw query tokens
         f = self.adapters[l](cross)                                           # (B, 1+N, D)
-        h = h + attn.proj(attn.merge_heads(F.scaled_dot_product_attention(qh, kh, vh)))
+        h = h + attn.proj(attn.merge_heads(self_h))
         h = h + blk.mlp(blk.norm2(h))                                         # Block_l(h)
-        p = p + attn.proj(attn.merge_heads(F.scaled_dot_product_attention(qp, kp, vp)))
+        p = p + attn.proj(attn.merge_heads(attn.attend(qp, kp, vp)))
         p = p + blk.mlp(blk.norm2(p))                                         # Block_l(p)
         if l in self.deep_layers:  # Eq. 5 as coded: O = Block_l(O) + e_k * Block_l(P^l)
             k = self.deep_layers.index(l)

@@ -35,7 +35,9 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, as timm's Attention."""
+    """Multi-head self-attention with a fused qkv projection, as timm's Attention. A method may change the logits
+    through forward's `bias` and `scale` (see attend); `record` (a list, set by maps.py) keeps the attention
+    probabilities of every call, computed in the same forward from which the output is made."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -43,6 +45,7 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.record = None
 
     def split_qkv(self, x):
         """(B, N, D) normalised tokens -> q, k, v, each (B, H, N, D/H)."""
@@ -55,10 +58,25 @@ class Attention(nn.Module):
         B, H, N, d = x.shape
         return x.transpose(1, 2).reshape(B, N, H * d)
 
-    def forward(self, x, attn_mask=None):
+    def attend(self, q, k, v, bias=None, scale=None):
+        """softmax(scale * q k^T / sqrt(d) + bias) v: (B, H, Nq, d) queries, (B, H, Nk, d) keys and values. bias: a
+        float tensor added to the logits, or a boolean mask (True = attend), broadcast to (B, H, Nq, Nk); scale: a
+        number or a tensor broadcast to q, e.g. a learnable temperature per head (H, 1, 1). Both may be learnable."""
+        if scale is not None:
+            q = q * scale
+        if bias is not None and bias.ndim == 1:  # a bias per key: (Nk,) -> (1, Nk), as attention masks need 2 dims
+            bias = bias[None]
+        if self.record is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)               # (B, H, Nq, d)
+        logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])                       # (B, H, Nq, Nk)
+        if bias is not None:
+            logits = logits.masked_fill(~bias, float('-inf')) if bias.dtype == torch.bool else logits + bias
+        self.record.append(logits.softmax(-1))
+        return self.record[-1] @ v
+
+    def forward(self, x, bias=None, scale=None):
         q, k, v = self.split_qkv(x)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, D/H)
-        return self.proj(self.merge_heads(x))
+        return self.proj(self.merge_heads(self.attend(q, k, v, bias, scale)))
 
 
 class Mlp(nn.Module):
@@ -86,8 +104,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.norm1(x), attn_mask)
+    def forward(self, x, bias=None, scale=None):
+        x = x + self.attn(self.norm1(x), bias, scale)   # bias, scale: a method's change of the logits (attend)
         x = x + self.mlp(self.norm2(x))
         return x
 

@@ -28,6 +28,7 @@ import time
 
 import data
 import linear_grid
+import methods
 import runs
 import train
 
@@ -46,44 +47,24 @@ SUITES = {**{g: [f'vtab-{t}' for t in tasks] for g, tasks in VTAB_GROUPS.items()
 GROUP_NAMES = {'vtab-natural': 'Natural', 'vtab-specialized': 'Specialized', 'vtab-structured': 'Structured',
                'vtab': 'VTAB mean (19)', 'fgvc': 'FGVC mean (5)'}
 
-# Default grids. KMnP/vpt tune_vtab.py and tune_fgvc.py: base lr x batch / 256 for prompts, linear and full,
-# wd {0.01, 0.001, 0.0001, 0}; base=True marks VPT's base lrs, converted here to train.py's absolute lr.
-VPT_LRS = [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05]
-VPT_WDS = [0.01, 0.001, 0.0001, 0]
-GRIDS = {
-    'linear': dict(lr=VPT_LRS, wd=VPT_WDS, base=True),                          # KMnP/vpt tune_vtab.py, linear
-    'full': dict(lr=[0.005, 0.001, 0.0005, 0.0001], wd=VPT_WDS, base=True),     # KMnP/vpt tune_vtab.py, finetune
-    'vpt': dict(lr=VPT_LRS, wd=VPT_WDS, base=True),                             # KMnP/vpt tune_vtab.py, prompt
-    # LSPT publishes no hyper-parameters: GaPT's absolute lr 0.1 (no batch rescaling) with VPT's wd list,
-    # and smaller lrs, since the LSTM shares the prompts' lr
-    'lspt': dict(lr=[0.5, 0.25, 0.1, 0.05, 0.025, 0.01], wd=VPT_WDS, base=False),
-    # AdamW recipes: around the papers' lr 1e-3 and wd (SPT 1e-2 on the prompts, SA²VP 1e-4);
-    # PETL_Vision's AdamW grid is lr {1e-3, 1e-2} x wd {1e-4, 1e-3}
-    'spt': dict(lr=[5e-3, 2e-3, 1e-3, 5e-4, 2e-4], wd=[1e-1, 1e-2, 1e-3], base=False),
-    'sa2vp': dict(lr=[5e-3, 2e-3, 1e-3, 5e-4, 2e-4], wd=[1e-3, 1e-4, 0], base=False),
-}
 SEEDS = [42, 44, 82, 100, 800]  # KMnP/vpt tune_vtab.py: the final-run seeds
 
-# The papers' numbers (ViT-B/16, top-1 %, test), the same as the README's "Expected results":
-# (method, pretrain) -> (source, {data or group: value}), the values in the order of _KEYS.
-_KEYS = ('cub', 'nabirds', 'flowers', 'dogs', 'cars', 'fgvc', 'vtab-natural', 'vtab-specialized', 'vtab-structured')
-PAPERS = {pair: (source, dict(zip(_KEYS, values))) for pair, (source, values) in {
-    ('vpt', 'in21k'): ('SA²VP Tables 1, 3', (88.5, 84.2, 99.0, 90.2, 83.6, 89.11, 78.48, 82.43, 54.98)),
-    ('sa2vp', 'in21k'): ('SA²VP Tables 1, 3', (89.1, 85.8, 99.3, 92.1, 84.1, 90.08, 80.97, 85.73, 60.80)),
-    ('spt', 'in21k-augreg'): ('SPT Table 3', (90.6, 87.6, 99.8, 89.8, 89.2, 91.40, 82.27, 85.48, 58.91)),
-    ('spt', 'mae'): ('SPT Table 2', (80.13, 76.28, 93.07, 82.23, 84.61, 83.26, 67.19, 83.15, 59.23)),
-    ('spt', 'mocov3'): ('SPT Table 2', (84.47, 77.63, 96.10, 85.84, 85.98, 86.00, 76.20, 84.95, 58.36)),
-    ('lspt', 'mae'): ('LSPT Tables 1, 2', (73.86, 71.73, 82.32, 82.05, 74.75, 76.94, 52.36, 80.75, 41.72)),
-    ('lspt', 'mocov3'): ('LSPT Tables 1, 2', (84.29, 77.16, 95.06, 84.25, 80.12, 84.18, 77.19, 85.69, 52.82)),
-    ('vpt', 'mae'): ('SPT Table 2', (68.33, 65.22, 80.05, 78.83, 67.67, 72.02)),  # FGVC only
-    ('vpt', 'mocov3'): ('SPT Table 2', (82.67, 75.99, 94.41, 83.33, 79.18, 83.12)),
-}.items()}
+# The papers' numbers (ViT-B/16, top-1 %, test) are each method class's `papers` (methods.py), in this order:
+PAPER_KEYS = ('cub', 'nabirds', 'flowers', 'dogs', 'cars', 'fgvc', 'vtab-natural', 'vtab-specialized',
+              'vtab-structured')
 
 # --dry-run's (tuning-train, val, final-train, test) sizes. FGVC: VPT's json splits (VPT paper, Table 7), the final
 # runs trained on train.json alone, as VPT does; digits: 1797 images, 1000 of them train800val200's.
 SPLITS = {'cub': (5394, 600, 5394, 5794), 'nabirds': (21536, 2393, 21536, 24633), 'dogs': (10800, 1200, 10800, 8580),
           'flowers': (1020, 1020, 1020, 6149), 'cars': (7329, 815, 7329, 8041), 'digits': (800, 200, 1000, 797),
           **{f'vtab-{t}': (800, 200, 1000, n) for tasks in VTAB_GROUPS.values() for t, n in tasks.items()}}
+
+
+def folder_sizes(name, spec):
+    """(tuning-train, val, final-train, test) sizes of a user's image folders (--data imagefolder), counted on disk."""
+    n = {s: len(data.build_dataset(name, s, spec['data_root']).samples) if os.path.isdir(
+        os.path.join(data.dataset_dir(name, spec['data_root']), s)) else 0 for s in ('train', 'val', 'test')}
+    return n['train'], n['val'], n['train'], n['test']
 
 
 class SweepError(RuntimeError):
@@ -107,7 +88,7 @@ def parse_args(argv):
                                 "the papers' numbers (VPT's protocol). Fixed train.py flags go after --, e.g. "
                                 "`-- --epochs 2 --workers 0`.", allow_abbrev=False)
     g = p.add_argument_group('what to run')
-    g.add_argument('--method', choices=list(GRIDS))
+    g.add_argument('--method', choices=list(methods.METHODS))
     g.add_argument('--pretrain', default='in21k', help="train.py --pretrain (default: %(default)s)")
     g.add_argument('--arch', default='vit_base_patch16_224', help="train.py --arch (default: %(default)s)")
     g.add_argument('--weights', help="train.py --weights")
@@ -116,7 +97,7 @@ def parse_args(argv):
     g.add_argument('--data', help="comma list of train.py --data names and suites: "
                    + ', '.join(f"{s} ({len(v)})" for s, v in SUITES.items()))
     g.add_argument('--out', help="sweep directory (default: sweeps/<method>-<pretrain>-<data>)")
-    g = p.add_argument_group('grid (default: the method\'s grid in GRIDS, sweep.py)')
+    g = p.add_argument_group('grid (default: the method class\'s sweep_grid, methods.py)')
     g.add_argument('--lr', type=comma_list(float), help="absolute learning rates, comma list")
     g.add_argument('--wd', type=comma_list(float), help="weight decays, comma list")
     g.add_argument('--prompts', type=comma_list(int), help="prompt lengths, comma list (default: the method's)")
@@ -161,7 +142,7 @@ def datasets_of(spec):
 def grid_of(args, extra):
     """[(lr, wd, prompts)] in the order of the grid; lr absolute (VPT's base lrs x batch / 256, at the batch size
     the runs will use: --batch-size after --, else the recipe's)."""
-    grid = GRIDS[args.method]
+    grid = methods.METHODS[args.method].sweep_grid
     lrs = args.lr or grid['lr']
     if args.lr is None and grid['base']:
         batch = intended_config(['--method', args.method, '--data', 'digits'] + extra)['batch_size']
@@ -255,7 +236,7 @@ def todo(spec, name):
     """A dataset's unfinished cells, phase 2 once phase 1 is complete; for `linear`, while no grid cell has started,
     one process for the whole grid (one backbone forward per image; train.py writes each cell's run directory)."""
     cells, finals, _ = dataset(spec, name)
-    if spec['method'] == 'linear' and len(cells) > 1 and all(
+    if methods.METHODS[spec['method']].grid_in_one_pass and len(cells) > 1 and all(
             c.result() is None and not os.path.exists(os.path.join(c.dir, 'last.pt')) for c in cells):
         lrs, wds = (','.join(dict.fromkeys(str(getattr(c, k)) for c in cells)) for k in ('lr', 'wd'))
         return [Cell(spec, name, 1, lrs, wds, None, spec['seeds'][0], 'grid', cells)]
@@ -389,9 +370,9 @@ def dry_run(spec):
 
     p1 = p2 = vpt = 0
     for name in spec['data']:
-        tune, val, final, test = SPLITS[name]
-        if spec['method'] == 'linear' and cells > 1:  # one process, one backbone forward per image for all cells
-            p1 += tune + val if name not in data.FGVC else passes(tune, val, val_cfg['eval_every'])
+        tune, val, final, test = SPLITS.get(name) or folder_sizes(name, spec)
+        if methods.METHODS[spec['method']].grid_in_one_pass and cells > 1:  # one process, one forward per image
+            p1 += tune + val if not data.augments(name) else passes(tune, val, val_cfg['eval_every'])
         else:
             p1 += cells * passes(tune, val, val_cfg['eval_every'])
         p2 += seeds * passes(final, test, every)
@@ -428,7 +409,8 @@ def report(out):
         raise SweepError(f"{path} not found: --report needs a directory written by sweep.py")
     with open(path) as f:
         spec = dict(json.load(f), out=out)
-    source, paper = PAPERS.get((spec['method'], spec['pretrain']), (None, {}))
+    source, values = methods.METHODS[spec['method']].papers.get(spec['pretrain'], (None, ()))
+    paper = dict(zip(PAPER_KEYS, values))
     rows = []
     for name in spec['data']:
         cells, finals, best = dataset(spec, name)
@@ -464,7 +446,7 @@ def report(out):
     for r in rows:
         test = '—' if r['mean'] is None else fmt(r['mean']) + ('' if r['std'] is None else f" ± {r['std']:.2f}")
         prompts = (str(r['prompts']) if r['prompts'] is not None else
-                   '—' if r['lr'] is None or spec['method'] in ('linear', 'full') else "method's")
+                   '—' if r['lr'] is None or spec['method'] not in methods.PROMPTED else "method's")
         md.append(f"| {r['data']} | {fmt(r['lr'], 'g')} | {fmt(r['wd'], 'g')} | {prompts} | "
                   f"{fmt(r['val_accuracy'])} | {test} | {r['n']} | {fmt(r['tuned_params'], ',d')} | "
                   f"{fmt(r['paper'])} | {fmt(r['delta'], '+.2f')} | {r['status']} |")

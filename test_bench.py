@@ -38,9 +38,9 @@ def find(rows, **kw):
 
 def test_every_row_is_present(run):
     rows, meta, _ = run
-    for role in ('backbone', 'timm', 'lspt-nodrop', 'sa2vp-nodrop', 'spt-epoch'):
-        r = find(rows, role=role)
-        assert r['train_ms'] is not None
+    for kw in (dict(role='backbone'), dict(role='timm'), dict(role='variant', method='lspt'),
+               dict(role='variant', method='sa2vp'), dict(role='epoch')):   # the variants of each class's `bench`
+        assert find(rows, **kw)['train_ms'] is not None
     for role in ('backbone', 'timm'):   # both a forward and a forward+backward
         r = find(rows, role=role)
         assert r['fwd_ms'] > 0 and len(r['fwd_times_ms']) == 2 and len(r['train_times_ms']) == 2
@@ -51,15 +51,15 @@ def test_every_row_is_present(run):
         for P in (2, 4):
             assert find(rows, method=m, role='prompts', prompts=P)['options'] == {'prompts': P}
     lspt_p = find(rows, method='lspt', role='method')['prompts']
-    assert find(rows, role='lspt-nodrop')['options'] == {'prompt_dropout': 0.0}
-    assert find(rows, role='lspt-nodrop')['prompts'] == lspt_p
+    assert find(rows, role='variant', method='lspt')['options'] == {'prompt_dropout': 0.0}
+    assert find(rows, role='variant', method='lspt')['prompts'] == lspt_p
     vpt_ps = {r['prompts'] for r in rows if r['method'] == 'vpt'}
     assert lspt_p in vpt_ps, "LSPT's target needs VPT-deep at the same P"
-    for s in bench.SPT_STRATEGIES:
-        r = find(rows, role='spt-init', options={'spt_init': s})
+    for s in methods.SPT.bench['init']:
+        r = find(rows, role='init', strategy=s)
         assert len(r['train_times_ms']) == 1 and r['fwd_ms'] is None
         assert 0 < r['images_run'] <= r['images'] == 8 and f"{r['images_run']} run" in r['note']
-    epoch = find(rows, role='spt-epoch')
+    epoch = find(rows, role='epoch')
     spt = find(rows, method='spt', role='method')
     assert epoch['steps'] == 4 and epoch['train_ms'] == pytest.approx(4 * spt['train_ms'])
     assert len({r['arm'] for r in rows}) == len(rows)
@@ -89,8 +89,8 @@ def test_ratios_are_positive_and_finite(run):
     assert vpt['target_spread'] == [min(per_round), max(per_round)]
     N1 = IMG // 8 * (IMG // 8) + 1
     assert find(rows, method='vpt', prompts=4)['target_bound'] == pytest.approx(1.1 * (N1 + 4) / N1)
-    assert find(rows, role='spt-init', options={'spt_init': 'kmeans'})['target_bound'] == 1.0
-    assert find(rows, role='spt-init', options={'spt_init': 'mean'})['target_bound'] == 0.25
+    assert find(rows, role='init', strategy='kmeans')['target_bound'] == 1.0
+    assert find(rows, role='init', strategy='mean')['target_bound'] == 0.25
     assert find(rows, method='sa2vp', role='method')['target_bound'] == 2.4
     assert find(rows, role='backbone')['target_bound'] == 1.05
 
@@ -103,7 +103,8 @@ def test_tuned_params_match_a_fresh_model(run):
             continue
         model = methods.build_model(r['method'], models.create_backbone(ARCH, 'none', img_size=IMG), C, **r['options'])
         assert r['tuned_params'] == sum(p.numel() for p in model.parameters() if p.requires_grad), r['arm']
-    assert find(rows, method='full', role='method')['tuned_params'] > find(rows, role='lspt-nodrop')['tuned_params']
+    assert find(rows, method='full', role='method')['tuned_params'] > \
+        find(rows, role='variant', method='lspt')['tuned_params']
 
 
 def test_gflops_positive_and_grow_with_prompts(run):

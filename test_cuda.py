@@ -24,9 +24,9 @@ from test_train import TINY, read_metrics
 
 CUDA = torch.cuda.is_available()
 
-# dropout off everywhere in the comparisons: masks drawn for tensors of different dtypes (bf16 vs fp32) or by
-# different kernels (inductor vs eager) are different masks, and would swamp the numerical differences
-NO_DROPOUT = {'vpt': dict(prompt_dropout=0.0), 'lspt': dict(prompt_dropout=0.0), 'sa2vp': dict(sa2vp_dropout=False)}
+# dropout off everywhere in the comparisons (each class's `deterministic` options): masks drawn for tensors of
+# different dtypes (bf16 vs fp32) or by different kernels (inductor vs eager) are different masks, and would swamp
+# the numerical differences
 
 # bf16 vs fp32 tolerances. bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.4%); under autocast every
 # matmul input is rounded to it, with fp32 accumulation, so each layer adds a relative error of ~0.4% that
@@ -48,7 +48,7 @@ def no_tf32():
 
 
 def tiny_model(method, options, depth, device, dtype=torch.float32):
-    opts = {**options, **NO_DROPOUT.get(method, {})}
+    opts = {**options, **methods.METHODS[method].deterministic}
     return build(method, opts, depth).to(device, dtype).train()
 
 

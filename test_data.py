@@ -109,15 +109,16 @@ def build(name, split, root, **kw):
 # ----------------------------------------------------------------------------- names and tables
 
 def test_names_classes_and_splits():
-    assert len(data.DATASETS) == 25 and len(set(data.DATASETS)) == 25
-    assert data.DATASETS[:5] == ['cub', 'nabirds', 'flowers', 'dogs', 'cars'] and data.DATASETS[-1] == 'digits'
+    assert len(data.DATASETS) == 26 and len(set(data.DATASETS)) == 26
+    assert data.DATASETS[:5] == ['cub', 'nabirds', 'flowers', 'dogs', 'cars'] and data.DATASETS[-2:] == ['digits',
+                                                                                                        'imagefolder']
     assert [data.num_classes(n) for n in data.FGVC] == [200, 555, 102, 120, 196]
     vtab = {n[5:]: data.num_classes(n) for n in data.DATASETS if n.startswith('vtab-')}
     assert vtab == {'cifar': 100, 'caltech101': 102, 'dtd': 47, 'oxford_flowers102': 102, 'oxford_iiit_pet': 37,
                     'svhn': 10, 'sun397': 397, 'patch_camelyon': 2, 'eurosat': 10, 'resisc45': 45,
                     'diabetic_retinopathy': 5, 'clevr_count': 8, 'clevr_dist': 6, 'dmlab': 6, 'kitti': 4,
                     'dsprites_loc': 16, 'dsprites_ori': 16, 'smallnorb_azi': 18, 'smallnorb_ele': 9}
-    assert data.num_classes('digits') == 10
+    assert data.num_classes('digits') == 10 and data.num_classes('imagefolder') is None  # its train/ folders
     assert data.split_names('cub', 'val') == ('train', 'val')
     assert data.split_names('cub', 'test') == ('train', 'test')
     assert data.split_names('vtab-dtd', 'val') == ('train800', 'val200')
@@ -572,3 +573,42 @@ def test_decoded_cache_device_loader(root):
     assert x.is_contiguous()   # as ToTensor's: a channels-last input would change the patch-embedding kernel
     with pytest.raises(ValueError, match='digits'):
         decoded_cache.DecodedCache(data.build_dataset('digits', 'train800', img_size=16), train=True, img_size=16)
+
+
+# ----------------------------------------------------------------------------- --data imagefolder (your own data)
+
+def make_imagefolder(root, splits=('train', 'val', 'test'), classes=('cat', 'dog', 'emu'), n=3):
+    """root/<split>/<class>/<k>.png, n tiny images per class; returns root."""
+    g = torch.Generator().manual_seed(0)
+    for split in splits:
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                img = torch.randint(0, 256, (20, 30, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(img).save(root / split / c / f'{k}.png')
+    return root
+
+
+def test_imagefolder_reads_classes_from_train(tmp_path):
+    root = make_imagefolder(tmp_path / 'mine')
+    (root / 'val' / 'emu' / '0.png').unlink()
+    (root / 'val' / 'emu' / 'labels.csv').write_text('not an image')      # skipped by its suffix, as ImageFolder does
+    ds = data.build_dataset('imagefolder', 'val', root, img_size=16)
+    assert ds.num_classes == 3 and [label for _, label in ds.samples] == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert all(Path(p).parent.name == ('cat', 'dog', 'emu')[label] for p, label in ds.samples)
+    assert ds[0][0].shape == (3, 16, 16)
+    train = data.build_dataset('imagefolder', 'train', root, img_size=16, train=True)
+    assert isinstance(train.transform.transforms[1], type(data.build_transform('cub', True).transforms[1]))  # FGVC's
+    assert maps.class_names(ds) == ['cat', 'dog', 'emu'] and data.split_names('imagefolder', 'test') == ('train', 'test')
+    assert [r[:3] for r in datacheck.check('imagefolder', root)] == [('train', 9, 3), ('val', 8, 3), ('test', 9, 3)]
+
+
+def test_imagefolder_errors_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"mine/train not found: --data imagefolder needs --data-root DIR"):
+        data.build_dataset('imagefolder', 'train', tmp_path / 'mine')
+    root = make_imagefolder(tmp_path / 'mine', splits=('train', 'test'))
+    with pytest.raises(FileNotFoundError, match=r"mine/val not found: .*no val split there .*--eval-split test"):
+        data.build_dataset('imagefolder', 'val', root)
+    (root / 'test' / 'yak').mkdir()
+    with pytest.raises(ValueError, match=r"mine/test: class folder\(s\) yak are not in .*mine/train"):
+        data.build_dataset('imagefolder', 'test', root)

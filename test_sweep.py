@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import methods
 import sweep
 from test_data import make_vtab
 
@@ -91,12 +92,12 @@ def test_grid_converts_vpt_base_lr_at_the_batch_size():
     args, extra = sweep.parse_args(['--method', 'vpt', '--data', 'cub'])
     grid = sweep.grid_of(args, extra)
     assert len(grid) == 40
-    assert sorted({lr for lr, _, _ in grid}) == sorted(b * 64 / 256 for b in sweep.VPT_LRS)
+    assert sorted({lr for lr, _, _ in grid}) == sorted(b * 64 / 256 for b in methods.VPT.sweep_grid['lr'])
     assert sorted({wd for _, wd, _ in grid}) == [0, 0.0001, 0.001, 0.01]
     args, extra = sweep.parse_args(['--method', 'linear', '--data', 'cub', '--', '--batch-size', '128'])
     assert max(lr for lr, _, _ in sweep.grid_of(args, extra)) == 50 * 128 / 256
     args, extra = sweep.parse_args(['--method', 'vpt', '--data', 'cub', '--lr', '0.3', '--prompts', '10,50'])
-    assert sweep.grid_of(args, extra) == [(0.3, wd, p) for p in (10, 50) for wd in sweep.VPT_WDS]
+    assert sweep.grid_of(args, extra) == [(0.3, wd, p) for p in (10, 50) for wd in methods.VPT.sweep_grid['wd']]
     assert sweep.datasets_of('vtab-natural,cub,vtab-dtd') == [f'vtab-{t}' for t in sweep.VTAB_GROUPS['vtab-natural']] \
         + ['cub']
     assert len(sweep.datasets_of('vtab')) == 19 and len(sweep.datasets_of('fgvc')) == 5

@@ -723,3 +723,29 @@ def test_linear_grid_with_augmentation_equals_separate_runs(tmp_path, monkeypatc
         b = torch.load(tmp_path / f'own{lr}' / 'last.pt', weights_only=True)['model']
         for k in b:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_your_own_dataset(tmp_path, monkeypatch, capsys):
+    """--data imagefolder: a torchvision ImageFolder tree trains and evaluates; no val/ is one error line; sweep.py
+    takes it too (its --dry-run counts the images on disk)."""
+    from test_data import make_imagefolder
+    import sweep
+    root = make_imagefolder(tmp_path / 'mine')
+    args = ['--method', 'vpt', '--prompts', '2', '--arch', 'vit_nano_patch8', '--pretrain', 'none', '--data',
+            'imagefolder', '--data-root', str(root), '--img-size', '16', '--epochs', '1', '--batch-size', '4',
+            '--warmup-epochs', '0', '--workers', '0', '--log-interval', '0']
+    result = train.main(args + ['--out', str(tmp_path / 'run')])
+    assert result['config']['num_classes'] == 3 and result['eval_split'] == 'val'
+    assert eval_py.main(['--run', str(tmp_path / 'run'), '--workers', '0']) == result['accuracy']
+    final = train.main(args + ['--eval-split', 'test', '--out', str(tmp_path / 'test')])   # trains on train, as FGVC
+    assert final['config']['train_split'] == 'train' and final['config']['eval_split_name'] == 'test'
+    import shutil
+    shutil.rmtree(root / 'val')
+    capsys.readouterr()
+    code, err = cli_error(monkeypatch, capsys, train.main, args + ['--out', tmp_path / 'noval'])
+    assert code == 1 and err.startswith(f"error: --data imagefolder: {root / 'val'} not found: --data imagefolder has "
+                                        f"no val split there (without val/, use --eval-split test)"), err
+    assert sweep.main(['--method', 'vpt', '--arch', 'vit_nano_patch8', '--pretrain', 'none', '--img-size', '16',
+                       '--data', 'imagefolder', '--data-root', str(root), '--out', str(tmp_path / 'sweep'),
+                       '--dry-run']) == 0
+    assert 'vpt on 1 datasets' in capsys.readouterr().out
