@@ -24,11 +24,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a train.py run on a split; optional attention maps.",
                                 allow_abbrev=False)
     p.add_argument('--run', required=True, help="the run directory (holds last.pt)")
-    p.add_argument('--split', choices=['val', 'test'], default=None, help="default: the run's --eval-split")
-    p.add_argument('--weights', default=None, help="backbone weights file (default: the recorded one); it must "
-                   "hold the recorded backbone's tensors, in any format")
-    p.add_argument('--data-root', default=None, help="default: the recorded one, else $VPT_DATA_ROOT or ./data")
-    p.add_argument('--batch-size', type=int, default=None, help="default: the run's per-process micro-batch")
+    p.add_argument('--split', choices=['val', 'test'], help="(default: the run's --eval-split)")
+    p.add_argument('--weights', help="backbone weights file, any format holding the recorded tensors (default: the "
+                   "recorded one)")
+    p.add_argument('--data-root', help="(default: the recorded one)")
+    p.add_argument('--batch-size', type=int, help="(default: the run's per-process micro-batch)")
     p.add_argument('--workers', type=int, default=4, help="(default: %(default)s)")
     p.add_argument('--device', default='auto', help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument('--maps', type=int, default=0, metavar='N', help="draw maps of the first N images into RUN/maps/")
@@ -73,9 +73,8 @@ def main(argv=None):
     result_path = os.path.join(args.run, 'result.json')
     trained = runs.read_json(result_path) if os.path.isfile(result_path) else {}
     trained_acc = trained.get('accuracy') if trained.get('eval_split') == split else None
-    reported = f" (train.py reported {trained_acc:.2f}%)" if trained_acc is not None else ''
-    print(f"{args.run}: {cfg['method']} on {cfg['data']} {split_name}: accuracy {acc:.2f}% of {len(ds)} "
-          f"images{reported}")
+    print(f"{args.run}: {cfg['method']} on {cfg['data']} {split_name}: accuracy {acc:.2f}% of {len(ds)} images"
+          + (f" (train.py reported {trained_acc:.2f}%)" if trained_acc is not None else ''))
     record = dict(accuracy=acc, eval_split=split, split_name=split_name, images=len(ds), train_accuracy=trained_acc,
                   method=cfg['method'], data=cfg['data'], weights=args.weights or cfg['weights'],
                   backbone_identity=model.backbone.identity, **runs.environment(device))
