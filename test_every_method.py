@@ -70,15 +70,15 @@ def test_every_option_has_a_flag_and_every_flag_an_option(monkeypatch):
         ([], ['spt_init', 'spt_kmeans_tokens'])
 
     class Gated(methods.VPT):   # a new option: its flag comes from the class's `flags`, and it must have one
-        def __init__(self, backbone, num_classes, prompts=50, gate_init=0.0):
+        def __init__(self, backbone, num_classes, prompts=50, probe_gate_init=0.0):
             super().__init__(backbone, num_classes, prompts)
     monkeypatch.setitem(methods.METHODS, 'gated', Gated)
-    with pytest.raises(TypeError, match=r"Gated.flags has no entry for its option 'gate_init'"):
+    with pytest.raises(TypeError, match=r"Gated.flags has no entry for its option 'probe_gate_init'"):
         train.build_parser()
-    monkeypatch.setattr(Gated, 'flags', dict(methods.VPT.flags, gate_init=(float, "initial gate value", None)))
+    monkeypatch.setattr(Gated, 'flags', dict(methods.VPT.flags, probe_gate_init=(float, "initial gate value", None)))
     parser = train.build_parser()
     assert unrouted(parser, methods.METHODS.values()) == ([], [])
-    assert option_flags(parser)['gate_init'].help == "gated: initial gate value (default: 0.0)"
+    assert option_flags(parser)['probe_gate_init'].help == "gated: initial gate value (default: 0.0)"
 
 
 # -----------------------------------------------------------------------------
@@ -127,18 +127,19 @@ def test_flag_of_another_method_is_an_error_line(monkeypatch, capsys):
 def test_an_option_that_does_not_read_back_is_an_error(monkeypatch):
     class Gated(methods.VPT):   # stores its option under another name and does not report it
         def __init__(self, backbone, num_classes, prompts=50, depth='deep', prompt_dropout=None, readout=None,
-                     gate_init=0.0):
+                     probe_gate_init=0.0):
             super().__init__(backbone, num_classes, prompts, depth, prompt_dropout, readout)
-            self.gate = torch.nn.Parameter(torch.full((len(backbone.blocks),), gate_init))
-            self.init = gate_init
-    Gated.flags = dict(methods.VPT.flags, gate_init=(float, "initial gate value", None))
+            self.gate = torch.nn.Parameter(torch.full((len(backbone.blocks),), probe_gate_init))
+            self.init = probe_gate_init
+    Gated.flags = dict(methods.VPT.flags, probe_gate_init=(float, "initial gate value", None))
     monkeypatch.setitem(methods.METHODS, 'gated', Gated)
     cfg, _ = train.parse_args(TINY + ['--method', 'vpt', '--img-size', '16'])
     backbone = train.build(dict(cfg, num_classes=10), CPU).backbone
-    with pytest.raises(TypeError, match=r'Gated.options\(\) gives no value for gate_init'):
+    with pytest.raises(TypeError, match=r'Gated.options\(\) gives no value for probe_gate_init'):
         methods.build_model('gated', backbone, 10)
-    Gated.options = lambda self: dict(methods.VPT.options(self), gate_init=self.init)
-    assert methods.built_options(methods.build_model('gated', backbone, 10, gate_init=0.5))['gate_init'] == 0.5
+    Gated.options = lambda self: dict(methods.VPT.options(self), probe_gate_init=self.init)
+    built = methods.build_model('gated', backbone, 10, probe_gate_init=0.5)
+    assert methods.built_options(built)['probe_gate_init'] == 0.5
 
 
 # -----------------------------------------------------------------------------
