@@ -414,17 +414,16 @@ def run(args, command):
         add(row(arm, role), m.forward_features, frozen_fwd_bwd(embed, m.blocks, m.norm, head, autocast))
 
     def add_method(arm, role, method, options=None, default=False, grad_checkpointing=False):
-        model = methods.build_model(method, copy.deepcopy(base), args.num_classes, **(options or {})).to(device)
-        model.set_grad_checkpointing(grad_checkpointing)
+        model = methods.build_model(method, copy.deepcopy(base), args.num_classes, **(options or {}))
+        model = model.set_grad_checkpointing(grad_checkpointing).to(device)
         opt = train.make_optimizer(model, dict(methods.METHODS[method].recipe, momentum=train.MOMENTUM))
         return add(row(arm, role, method, options, model, default), lambda x: model.eval()(x),
                    train_step(model, opt, autocast, scaler)), model
 
     defaults = {}   # method -> (its arm without ' (default)', its default row)
     for m in args.methods:
-        cls = methods.METHODS[m]
+        cls, name = methods.METHODS[m], m
         r, model = add_method(m, 'method', m, default=True)
-        name = m
         if m in methods.PROMPTED:
             name = r['arm'] = f"{m} P={r['prompts']}"
             r['arm'] += ' (default)'
@@ -433,7 +432,8 @@ def run(args, command):
             for P in sorted(set(args.prompts) | compared - {r['prompts']}):
                 add_method(f"{m} P={P}", 'prompts', m, {'prompts': P})
         for label, options in cls.bench.get('variants', {}).items():   # e.g. without dropout: its share of the time
-            add_method(f"{name} {label}", 'variant', m, options)
+            if set(options) <= set(methods.init_options(cls)):   # (a subclass may have dropped the option)
+                add_method(f"{name} {label}", 'variant', m, options)
         defaults[m] = (name, r)
     for m, (name, d) in defaults.items():
         if not methods.METHODS[m].grid_in_one_pass:   # linear runs its blocks under no_grad: nothing to checkpoint

@@ -184,7 +184,7 @@ class VPT(Tuner):
     # KMnP/vpt: base lr 1.0 at batch 256 -> 0.25 at 64; wd on every tuned tensor but the head bias
     recipe = dict(optimizer='sgd', lr=0.25, wd=1e-3, wd_head=None, batch_size=64, epochs=100, warmup_epochs=10,
                   min_lr=0)
-    bench, deterministic = dict(target=('backbone', 'tokens')), dict(prompt_dropout=0.0)
+    bench, deterministic = dict(target=('backbone', 'tokens')), dict(prompt_dropout=0.0)  # (its own options only)
     papers = {'in21k': ('SA²VP Tables 1, 3', (88.5, 84.2, 99.0, 90.2, 83.6, 89.11, 78.48, 82.43, 54.98)),
               'mae': ('SPT Table 2', (68.33, 65.22, 80.05, 78.83, 67.67, 72.02)),  # FGVC only
               'mocov3': ('SPT Table 2', (82.67, 75.99, 94.41, 83.33, 79.18, 83.12))}
@@ -261,7 +261,6 @@ class SPT(VPT):
     sweep_grid = dict(lr=[5e-3, 2e-3, 1e-3, 5e-4, 2e-4], wd=[1e-1, 1e-2, 1e-3], base=False)  # around the paper's
     # bench.py also times init_prompts per strategy against one training epoch: kmeans <= 1, the others <= 0.25
     bench = dict(VPT.bench, init={'random': 0.25, 'mean': 0.25, 'max': 0.25, 'kmeans': 1.0})
-    deterministic = {}
     papers = {'in21k-augreg': ('SPT Table 3', (90.6, 87.6, 99.8, 89.8, 89.2, 91.40, 82.27, 85.48, 58.91)),
               'mae': ('SPT Table 2', (80.13, 76.28, 93.07, 82.23, 84.61, 83.26, 67.19, 83.15, 59.23)),
               'mocov3': ('SPT Table 2', (84.47, 77.63, 96.10, 85.84, 85.98, 86.00, 76.20, 84.95, 58.36))}

@@ -48,7 +48,8 @@ def no_tf32():
 
 
 def tiny_model(method, options, depth, device, dtype=torch.float32):
-    opts = {**options, **methods.METHODS[method].deterministic}
+    cls = methods.METHODS[method]   # those of its deterministic options it takes (a subclass may drop one)
+    opts = {**options, **{k: v for k, v in cls.deterministic.items() if k in methods.init_options(cls)}}
     return build(method, opts, depth).to(device, dtype).train()
 
 
