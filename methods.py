@@ -305,16 +305,10 @@ class SPT(VPT):
         layer i, so one forward over P images serves every layer (fewer than P images: P distinct (image, token) pairs
         per layer). kmeans, or any iterable of (x, y) batches without `.dataset`: one pass over the loader, each layer
         keeping a uniform reservoir of tokens (P, or `spt_kmeans_tokens` for kmeans), never all tokens of all layers.
-        The official prompt_generator has the same per-layer tokens and pooling windows, but draws its images with
-        replacement (torch.randint(len(train_set), (sample_size,))), uses the *training* transform (RandomResizedCrop +
-        flip for FGVC), forwards them all at once, and picks each layer's P tokens independently, so two prompts of one
-        layer may come from one image. In WangYZ1608/Self-Prompt-Tuning, sample_size is the training set's size in
-        train.py and train_MAE.py but 1 in train_MoCo.py: for MoCo v3 every prompt of a layer comes from one random
-        image (mean/max give exactly its P windows, in random order). So each of our prompts is, like theirs for in21k
-        and MAE, a uniform draw from the layer's tokens over the training set, but the joint draw differs, and for MoCo
-        v3 outright. Why ours: a forward over P images, not the training set (the official one needs ~55 GB for CUB);
-        prototypes of clean images, not random crops; P images, not one, so the MoCo v3 init does not hinge on one
-        image; one procedure for every backbone."""
+        The official prompt_generator has the same per-layer tokens and windows, but draws images with replacement,
+        with the training transform, each layer's tokens independently (and, for MoCo v3, from a single image): each of
+        our prompts is, as theirs for in21k and MAE, a uniform draw from the layer's tokens, but the joint draw differs
+        (METHODS.md: how, and why ours: P images forward instead of the training set's ~55 GB for CUB)."""
         strategy = strategy or self.spt_init
         g = generator or torch.Generator(device='cpu').manual_seed(0)
         was_training = self.training
@@ -457,28 +451,13 @@ class LSPT(Tuner):
     block l = 1..L-1, whose output splits into cls, prompt outputs X̂_P^l (B, P, D) and patch tokens X^l (B, N, D):
         GSPC (Eq. 3):   X̂_SP^l = X̂_P^l + mean_i X^l_i
         LPC  (Eq. 4-5): X_P^l, C^l = LSTMCell(input = dropout(P^l), hidden = X̂_SP^l, cell = C^{l-1})
-    and X_P^l becomes the prompts of block l + 1. Read this way:
-      - The LSTM's time step is the block. Each (image, prompt slot) pair is one row of width D (B*P rows), since Eq. 5
-        gives the hidden and cell states the shape P x D (an LSTM along the P tokens would have a 1 x D state). One
-        LSTMCell(D, D), PyTorch's default init, is shared by all blocks (§4.2: one per block gave no gain).
-      - The hidden state is GSPC's output, recomputed from every block; only the cell state C (the long-term memory) is
-        carried from step to step, from C^0 = 0 (the paper does not define it). X_P^l replaces the prompt slots, with no
-        residual to X̂_P^l: the block's prompt outputs reach the next block only through the hidden state.
-      - GSPC averages the N patch tokens only (not cls, not the prompts), on the raw residual stream, with no
-        stop-gradient, and adds the same vector to every prompt. No parameters.
-      - After the last block: nothing. §4.2 says the LSTM runs "starting from the first block and ending before the last
-        block"; Algorithm A.1 loops over all L blocks; we follow the text.
-      - 12 sets, not 11: §4.3 says P^1 is the first block's input, Eq. 5 names X_P^1 the input of block 2. We read an
-        index slip and give block 1 a set of its own, as VPT-deep has (12*P*D prompt parameters).
-      - The base is VPT-deep, not GaPT (no per-block gates, no attention temperature): the paper never mentions them,
-        and the FGVC columns of its Table 4 row without GSPC and LPC are VPT-deep's (Table 1, MAE: 68.33 on CUB).
-      - Readout: §4.3 classifies "the class token". For MoCo v3 that is also GaPT's readout (cls after the final norm);
-        for MAE we use GaPT's, the mean of prompts + patches after the last block, then the pretrained norm (GaPT's
-        run.sh VIT_POOL_TYPE original): LSPT says it follows VPT's and GaPT's protocol and compares with GaPT's MAE
-        numbers, made that way. The least certain choice; readout='cls' gives the paper's wording.
-      - Not in the paper, taken from VPT / GaPT: prompt init U(-v, v), prompt dropout 0.1 (a mask per sample) on every
-        set where it is used, head Kaiming fan_out with bias -ln 99, GaPT's recipe (SGD, lr 0.1 at batch 64, wd 0, one
-        lr for prompts, LSTM and head) and P = 100 (GaPT's README). LSPT gives no optimiser, lr or P.
+    and X_P^l becomes the prompts of block l + 1. The choices where the paper is open (METHODS.md lists each with its
+    reason): the LSTM's time step is the block, over B*P rows of width D, one LSTMCell(D, D) shared by all blocks;
+    the hidden state is GSPC's output, only the cell state is carried (C^0 = 0), X_P^l replaces the prompt slots;
+    GSPC averages the N patch tokens of the raw residual stream; nothing after the last block; 12 sets (block 1 has
+    its own); VPT-deep's base (no GaPT gates or temperature); the MAE readout is GaPT's (the least certain choice:
+    readout='cls' gives the paper's "class token"); from VPT / GaPT: the prompt init, prompt dropout 0.1, the head,
+    GaPT's recipe and P = 100 (LSPT gives no optimiser, lr or P).
     Ablations: lspt_gspc mean|kmeans|none, lspt_lpc lstm|gru|none. kmeans is Table 6 (k = P centroids of each image's
     patch tokens, centroid k added to prompt k; the paper gives no init or iteration count, ours are in
     patch_centroids); gru is Table C.1. With lspt_lpc none the new set (plus the patch mean if GSPC is on) replaces the
