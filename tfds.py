@@ -135,9 +135,10 @@ def _fields(b, i, end):
         yield key >> 3, key & 7, value
 
 
-def parse_example(b, wanted):
-    """{key: [values]} of the features named in `wanted` of a serialized tf.train.Example: bytes_list -> bytes,
-    float_list -> float, int64_list -> int (packed or not); the other features are skipped undecoded."""
+def parse_example(b, wanted, spans=False):
+    """{key: [values]} of the features named in `wanted` of a serialized tf.train.Example: bytes_list -> bytes
+    (spans: their (start, stop) in b), float_list -> float, int64_list -> int (packed or not); the other features
+    are skipped undecoded."""
     out = {}
     for _, _, (s, e) in (f for f in _fields(b, 0, len(b)) if f[:2] == (1, 2)):  # Example.features
         for _, _, (s1, e1) in (f for f in _fields(b, s, e) if f[:2] == (1, 2)):  # Features.feature entries
@@ -149,7 +150,7 @@ def parse_example(b, wanted):
             for kind, _, (s2, e2) in _fields(b, *entry[2]):  # Feature: bytes 1, float 2, int64 3
                 for _, wire, v in _fields(b, s2, e2):  # the list's `value` = 1, packed (wire 2) or not
                     if kind == 1:
-                        values.append(bytes(b[v[0]:v[1]]))
+                        values.append(v if spans else bytes(b[v[0]:v[1]]))
                     elif kind == 2:
                         values += struct.unpack_from(f'<{(v[1] - v[0]) // 4}f', b, v[0])
                     else:
@@ -255,14 +256,16 @@ class TFDSDataset(Dataset):
                     self.paths.append(path)
                     records.append(index_shard(path, self._map(len(self.paths) - 1), n, info))
                 k = self.paths.index(path)
-                self.where.append((k, pos - starts[s], *records[k][pos - starts[s]]))  # (shard, record, offset, ...)
+                self.where.append((k, pos - starts[s], *records[k][pos - starts[s]]))  # shard, record, offset, length, CRC
                 self.samples.append((f'{tfds_split}[{pos}]', None))
-        wanted = FEATURES.get(TASKS[task][3], (TASKS[task][3],))
+        wanted = ('image', *FEATURES.get(TASKS[task][3], (TASKS[task][3],)))
         for i, (key, _) in enumerate(self.samples):
             try:
-                label = int(label_of(task, parse_example(self.record(i), wanted)))
+                f = parse_example(self.record(i), wanted, spans=True)
+                label, self.where[i] = int(label_of(task, f)), (*self.where[i], f['image'][0])  # + the image's span
             except (KeyError, IndexError, ValueError, struct.error) as e:
-                raise ValueError(f"{self._at(i)}: cannot read {task}'s label ({type(e).__name__}: {e})") from None
+                raise ValueError(f"{self._at(i)}: cannot read its image or {task}'s label ({type(e).__name__}: "
+                                 f"{e})") from None
             if not 0 <= label < self.num_classes:
                 raise ValueError(f"{self._at(i)}: {task}'s label rule gives {label}, outside 0..{self.num_classes - 1}")
             self.samples[i] = (key, label)
@@ -293,7 +296,7 @@ class TFDSDataset(Dataset):
 
     def record(self, i):
         """The serialized Example of item i, its CRC checked."""
-        s, _, offset, length, crc = self.where[i]
+        s, _, offset, length, crc = self.where[i][:5]
         b = self._map(s)[offset:offset + length]
         if masked_crc(b) != crc:
             raise data.ImageError(f"{self._at(i)} is corrupt (its CRC does not match); copy the shard again, or "
@@ -302,9 +305,10 @@ class TFDSDataset(Dataset):
 
     def image(self, i):
         """Item i's image as task_adaptation feeds it, as a PIL RGB image."""
+        start, stop = self.where[i][5]
         b = self.record(i)
         try:
-            with Image.open(io.BytesIO(parse_example(b, ('image',))['image'][0])) as im:
+            with Image.open(io.BytesIO(b[start:stop])) as im:
                 if self.task.startswith('dsprites'):  # {0, 1} x 255, tiled to 3 channels (task_adaptation's)
                     return Image.fromarray(np.asarray(im.convert('L')) * np.uint8(255)).convert('RGB')
                 return im.convert('RGB')  # grayscale tiled, RGBA's alpha dropped
