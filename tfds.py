@@ -240,7 +240,7 @@ class TFDSDataset(Dataset):
             raise ValueError(f"{info} has no {e.args[0]!r} split (it has {', '.join(splits)})") from None
         if split not in segments:
             raise ValueError(f"VTAB split must be one of {tuple(segments)}, got {split!r}")
-        self.paths, self.where, self.samples, self._maps, self._pid, records = [], [], [], {}, None, []
+        self.paths, self.where, self.samples, self._maps, self._pid, records = [], [], [], {}, None, {}
         for tfds_split, a, b in segments[split]:
             files = splits[tfds_split]
             starts = [0, *itertools.accumulate(n for _, n in files)]
@@ -252,11 +252,11 @@ class TFDSDataset(Dataset):
                                         f"{tfds_split}); copy it again, or rebuild with `tfds build`")
             for pos in range(a, b):
                 path, n = files[s := bisect.bisect_right(starts, pos) - 1]  # the shard that holds this position
-                if path not in self.paths:  # indexed once: [(offset, length, CRC)] per record
+                if path not in records:  # indexed once: (its number here, [(offset, length, CRC)] per record)
                     self.paths.append(path)
-                    records.append(index_shard(path, self._map(len(self.paths) - 1), n, info))
-                k = self.paths.index(path)
-                self.where.append((k, pos - starts[s], *records[k][pos - starts[s]]))  # shard, record, offset, length, CRC
+                    records[path] = len(self.paths) - 1, index_shard(path, self._map(len(self.paths) - 1), n, info)
+                k, index = records[path]
+                self.where.append((k, pos - starts[s], *index[pos - starts[s]]))  # shard, record, offset, length, CRC
                 self.samples.append((f'{tfds_split}[{pos}]', None))
         wanted = ('image', *FEATURES.get(TASKS[task][3], (TASKS[task][3],)))
         for i, (key, _) in enumerate(self.samples):
