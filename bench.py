@@ -33,6 +33,7 @@ import math
 import os
 import re
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -50,6 +51,7 @@ import decoded_cache
 import methods
 import models
 import runs
+import tfds
 import train
 
 GPU_RATE = 2500  # images/s a current datacenter GPU consumes for VPT-deep ViT-B/16 in bf16 (an estimate)
@@ -300,6 +302,10 @@ def loader_rows(args, device, log):
             rate = max(len(ds) / seconds(lambda: [ds[i] for i in range(len(ds))]) for _ in range(2))
             kb = sum(os.path.getsize(p) for p in paths) / len(ds) / 1024
             rows.append(rate_row(label, 'loader', kb, rate, width=w, height=h))
+            if name.startswith('vtab-'):  # the same files, read as TFDS's records (tfds.py)
+                ds = tfds.TFDSDataset('dtd', 'test', tfds_folder(Path(tmp, name), paths), ds.transform)
+                rate = max(len(ds) / seconds(lambda: [ds[i] for i in range(len(ds))]) for _ in range(2))
+                rows.append(rate_row(f"{label}, TFDS records", 'loader', kb, rate, width=w, height=h))
             if name == 'cub':
                 cache = decoded_cache.DecodedCache(ds, train=True, img_size=args.img_size)
                 loader = data.build_loader(cache, args.batch_size, train=True, workers=0)
@@ -314,6 +320,25 @@ def loader_rows(args, device, log):
                     kb = cache.nbytes / len(ds) / 1024   # the cached uint8 bytes
                     rows.append(rate_row(f"{label}, decoded cache, {what}", 'loader-cache', kb, rate))
     return rows
+
+
+def tfds_folder(folder, paths):
+    """A TFDS version folder (dtd's names) whose test split holds the files at `paths`, label 0, in one shard."""
+    def ld(num, b):  # a length-delimited protobuf field
+        n, head = len(b), bytes([num << 3 | 2])
+        while n >= 0x80:
+            head, n = head + bytes([n & 0x7F | 0x80]), n >> 7
+        return head + bytes([n]) + b
+    folder.mkdir()
+    with open(folder / 'dtd-test.tfrecord-00000-of-00001', 'wb') as f:
+        for p in paths:  # tf.train.Example {'image': bytes_list, 'label': int64_list}, framed as a TFRecord
+            rec = ld(1, ld(1, ld(1, b'image') + ld(2, ld(1, ld(1, Path(p).read_bytes()))))
+                     + ld(1, ld(1, b'label') + ld(2, ld(3, ld(1, b'\0')))))
+            n = struct.pack('<Q', len(rec))
+            f.write(n + struct.pack('<I', tfds.masked_crc(n)) + rec + struct.pack('<I', tfds.masked_crc(rec)))
+    splits = [dict(name=s, shardLengths=[str(len(paths))] * (s == 'test')) for s in ('train', 'validation', 'test')]
+    (folder / 'dataset_info.json').write_text(json.dumps(dict(name='dtd', splits=splits)))
+    return folder
 
 
 def loader_markdown(rows):

@@ -6,17 +6,20 @@ Datasets, transforms and loaders: FGVC (5 tasks), VTAB-1k (19 tasks) and the off
   with sorted(set(labels)); we build the map once from train.json and apply it to every split, so a val file
   that lacks a class cannot shift the other labels.
 - VTAB-1k: the folder layout written by NOAH's data/vtab-source/get_vtab1k.py and read by SA²VP's datasets.py:
-  vtab-1k/<task>/{train800,val200,train800val200,test}.txt, one "<relative path> <label>" per line, 0-based.
+  vtab-1k/<task>/{train800,val200,train800val200,test}.txt, one "<relative path> <label>" per line, 0-based;
+  or, lossless and preferred when both are there, the TFDS files that VPT read (tfds.py, vtab_source).
 - digits: scikit-learn's bundled 8x8 handwritten digits (real data, no download), split 800/200/rest like
   VTAB-1k, upsampled to the model's input size. The offline demo and the CI data.
 - Transforms: VPT's for FGVC (Resize 256 -> RandomCrop/CenterCrop 224 -> flip when training), SA²VP's
-  datasets.py for VTAB (Resize((224, 224)), no augmentation); mean/std are the backbone's (models.PRETRAIN).
+  datasets.py for VTAB (Resize((224, 224)), no augmentation, or a paper's own: PIPELINES); mean/std are the
+  backbone's (models.PRETRAIN).
 
 Nothing is skipped or clamped: a missing folder, a missing or malformed split file, a label out of range or an
 unreadable image raises an error that names the path. Check a dataset on disk (datacheck.py):
     python data.py --check cub --data-root /path/to/data [--decode]
 """
 
+import functools
 import json
 import os
 import re
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
+
+import tfds
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,6 +64,9 @@ VTAB = {
 }
 VTAB_SPLITS = ('train800', 'val200', 'train800val200', 'test')
 SPLIT_ALIASES = {'train': 'train800', 'val': 'val200', 'trainval': 'train800val200'}  # VTAB and digits
+VTAB_SOURCES = ('tfds', 'folder')  # TFDS's prepared files (tfds.py) or NOAH's JPEG folders
+PIPELINES = {'default': None, 'vpt': (IMAGENET_MEAN, IMAGENET_STD), 'sa2vp': (INCEPTION_MEAN, INCEPTION_STD),
+             'spt': (IMAGENET_MEAN, IMAGENET_STD)}  # VTAB's input pipelines (build_transform) -> mean/std
 
 DATASETS = list(FGVC) + [f'vtab-{t}' for t in VTAB] + ['digits', 'imagefolder']
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')  # torchvision's
@@ -97,7 +105,8 @@ def expected_layout(name, folder=None):
     if _kind(name) == 'vtab':
         return (f"{folder or Path('<root>', 'vtab-1k', name[5:])}/\n"
                 f"    train800.txt, val200.txt, train800val200.txt, test.txt   lines \"<relative path> <label>\"\n"
-                f"    images/<split>/000000.jpg, ...                           the images (NOAH get_vtab1k.py)")
+                f"    images/<split>/000000.jpg, ...                           the images (NOAH get_vtab1k.py)\n"
+                f"or TensorFlow Datasets' files, read first when there:\n{tfds.layout(name[5:])}")
     if _kind(name) == 'imagefolder':
         return (f"{folder or '<root>'}/\n    train/<class>/<image>, ...   the classes are train's folders\n"
                 f"    val/<class>/<image>, ...     (for --eval-split val)\n    test/<class>/<image>, ...    (for "
@@ -130,6 +139,17 @@ def dataset_dir(name, root=None):
         f"Expected layout:\n{expected_layout(name, sub)}")
 
 
+def vtab_source(name, root=None, source=None):
+    """('tfds', its version folder) or ('folder', the task folder) of vtab-<task>: source 'tfds' or 'folder' picks
+    one; None takes TFDS's files when they are there (lossless), else NOAH's folders (JPEG)."""
+    root = Path(root if root is not None else default_data_root())
+    if source not in (None, *VTAB_SOURCES):
+        raise ValueError(f"VTAB source must be one of {VTAB_SOURCES}, got {source!r}")
+    if source != 'folder' and (found := tfds.find(name[5:], root, required=source == 'tfds')):
+        return 'tfds', found
+    return 'folder', dataset_dir(name, root)
+
+
 def split_names(name, eval_split):
     """(train split, eval split) for --eval-split val|test. val: FGVC train / val, VTAB and digits train800 / val200;
     test: FGVC train / test (VPT trains FGVC on train.json alone), VTAB and digits train800val200 / test."""
@@ -140,16 +160,24 @@ def split_names(name, eval_split):
     return ('train800', 'val200') if eval_split == 'val' else ('train800val200', 'test')
 
 
-def build_transform(name, train, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def build_transform(name, train, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, pipeline=None):
     """PIL image -> normalised (3, img_size, img_size) tensor (None for digits: DigitsDataset does it).
     FGVC (VPT): Resize(256) -> RandomCrop(224) + RandomHorizontalFlip when training, else CenterCrop(224); 256 scales
-    as round(img_size * 256 / 224). VTAB (SA²VP's datasets.py): Resize((224, 224)) for both. PIL bilinear resizing."""
+    as round(img_size * 256 / 224). VTAB (SA²VP's datasets.py): Resize((224, 224)) for both. PIL bilinear resizing.
+    pipeline, VTAB only: default or sa2vp as VTAB; vpt: tfds.resize_tf1 (KMnP/vpt tf_dataset.py, also GaPT's);
+    spt: Resize(224) bicubic, CenterCrop(224) (WangYZ1608/Self-Prompt-Tuning Dataset/VTAB.py)."""
     kind = _kind(name)
+    if pipeline not in (None, 'default') and (kind != 'vtab' or pipeline not in PIPELINES):
+        raise ValueError(f"--pipeline {pipeline}: one of {', '.join(PIPELINES)}, for VTAB-1k only")
     if kind == 'digits':
         return None
     if kind in ('fgvc', 'imagefolder'):
         crop = [T.RandomCrop(img_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(img_size)]
         steps = [T.Resize(round(img_size * 256 / 224)), *crop]
+    elif pipeline == 'vpt':  # uint8 -> TF1 bilinear resize -> / 255
+        return T.Compose([T.PILToTensor(), functools.partial(tfds.resize_tf1, size=img_size), T.Normalize(mean, std)])
+    elif pipeline == 'spt':
+        steps = [T.Resize(img_size, T.InterpolationMode.BICUBIC), T.CenterCrop(img_size)]
     else:
         steps = [T.Resize((img_size, img_size))]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
@@ -272,6 +300,7 @@ def load_image(path):
 
 class ImageListDataset(Dataset):
     """A list of (image path, label) and a transform; FGVC and VTAB. Returns (float32 (3, H, W), int)."""
+    source = 'folder'
 
     def __init__(self, name, split, root, samples, num_classes, transform):
         self.name, self.split, self.root = name, split, root  # root: the dataset folder
@@ -281,8 +310,10 @@ class ImageListDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        path, label = self.samples[i]
-        return self.transform(load_image(path)), label
+        return self.transform(self.image(i)), self.samples[i][1]
+
+    def image(self, i):  # the PIL image of item i
+        return load_image(self.samples[i][0])
 
 
 class DigitsDataset(Dataset):
@@ -299,7 +330,7 @@ class DigitsDataset(Dataset):
         perm = np.random.RandomState(0).permutation(len(digits.target))
         idx = {'train800': perm[:800], 'val200': perm[800:1000],
                'train800val200': perm[:1000], 'test': perm[1000:]}[split]
-        self.name, self.split, self.root, self.num_classes = 'digits', split, None, 10
+        self.name, self.split, self.root, self.num_classes, self.source = 'digits', split, None, 10, 'scikit-learn'
         self.samples = [(int(i), int(digits.target[i])) for i in idx]  # (index into load_digits, label)
         self.pixels = torch.from_numpy(digits.images[idx]).float().div(16).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
         self.labels = [label for _, label in self.samples]
@@ -317,25 +348,34 @@ class DigitsDataset(Dataset):
 
 
 def build_dataset(name, split, root=None, img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, train=False,
-                  strict_classes=True):
+                  strict_classes=True, source=None, pipeline=None):
     """Split `split` of dataset `name` (DATASETS): items (float32 (3, img_size, img_size), int label); .samples
-    [(path or digits index, label)], .num_classes (the head's), .name, .split, .root (its folder).
+    [(path or digits index, label)], .num_classes (the head's), .name, .split, .root (its folder), .source.
     split: FGVC, imagefolder train/val/test; VTAB, digits train800/val200/train800val200/test (or train/val/trainval).
     train=True: the augmenting transform (FGVC only). Only this split's file is read, plus FGVC's train.json for its
-    label map. strict_classes: see read_fgvc."""
+    label map. strict_classes: see read_fgvc. source, pipeline: VTAB's (vtab_source, PIPELINES)."""
     kind = _kind(name)
+    transform = build_transform(name, train, img_size, mean, std, pipeline)
     if kind == 'digits':
         return DigitsDataset(split, img_size, mean, std)
-    folder = dataset_dir(name, root)
-    transform = build_transform(name, train, img_size, mean, std)
     if kind == 'fgvc':
+        folder = dataset_dir(name, root)
         samples, classes = read_fgvc(name, split, folder, strict_classes)
-    elif kind == 'imagefolder':
-        samples, classes = read_imagefolder(split, folder)
-    else:
-        split = SPLIT_ALIASES.get(split, split)
-        samples, classes = read_vtab(name, split, folder), VTAB[name[5:]]
-    return ImageListDataset(name, split, folder, samples, classes, transform)
+        return ImageListDataset(name, split, folder, samples, classes, transform)
+    if kind == 'imagefolder':
+        folder = dataset_dir(name, root)
+        return ImageListDataset(name, split, folder, *read_imagefolder(split, folder), transform)
+    split = SPLIT_ALIASES.get(split, split)
+    where, folder = vtab_source(name, root, source)
+    if where == 'tfds':
+        return tfds.TFDSDataset(name[5:], split, folder, transform)
+    return ImageListDataset(name, split, folder, read_vtab(name, split, folder), VTAB[name[5:]], transform)
+
+
+def dataset_kwargs(cfg):
+    """build_dataset's keyword arguments from a run's configuration (train.py's flags)."""
+    return dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'],
+                source=cfg.get('vtab_source'), pipeline=cfg.get('pipeline'))
 
 
 # -----------------------------------------------------------------------------

@@ -19,15 +19,15 @@ from runs import RunError
 class _Resized(Dataset):
     """Decode + the deterministic resize of build_transform, as a uint8 (h, w, 3) array (for building the cache)."""
 
-    def __init__(self, samples, resize):
-        self.samples, self.resize = samples, resize
+    def __init__(self, dataset, resize):
+        self.dataset, self.resize = dataset, resize
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.dataset)
 
     def __getitem__(self, i):
         try:
-            return torch.from_numpy(np.asarray(self.resize(data.load_image(self.samples[i][0])), dtype=np.uint8).copy())
+            return torch.from_numpy(np.asarray(self.resize(self.dataset.image(i)), dtype=np.uint8).copy())
         except (FileNotFoundError, RuntimeError) as e:  # load_image's error, raised in the main process as it is
             return e
 
@@ -55,7 +55,7 @@ class DecodedCache(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.images = []                                                    # [(h, w, 3) uint8]
-        for a in DataLoader(_Resized(self.samples, resize), batch_size=None, num_workers=workers):
+        for a in DataLoader(_Resized(dataset, resize), batch_size=None, num_workers=workers):
             if isinstance(a, Exception):
                 raise a
             self.images.append(a.clone())                                   # clone: out of worker shared memory
@@ -107,6 +107,9 @@ def loaders(train_ds, eval_ds, cfg, micro, device, distributed, log=print):
     """The training and evaluation loaders of a --decoded-cache run: both splits decoded once (with --workers
     processes), then read in the main process (a batch is a few memory copies)."""
     t0 = time.time()
+    if cfg.get('pipeline') in ('vpt', 'spt'):
+        raise RunError(f"--decoded-cache caches Resize((size, size))'s output; --pipeline {cfg['pipeline']} resizes "
+                       f"otherwise: drop one of them")
     kw = dict(img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'], workers=cfg['workers'])
     try:
         train_ds, eval_ds = DecodedCache(train_ds, train=True, **kw), DecodedCache(eval_ds, train=False, **kw)

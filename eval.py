@@ -62,8 +62,7 @@ def main(argv=None):
     split_name = data.split_names(cfg['data'], split)[1]
     data_root = args.data_root if args.data_root is not None else cfg['data_root']
     try:  # the data before the weights: the split file is read in a moment
-        ds = data.build_dataset(cfg['data'], split_name, root=data_root, img_size=cfg['img_size'],
-                                mean=cfg['mean'], std=cfg['std'])
+        ds = data.build_dataset(cfg['data'], split_name, **data.dataset_kwargs(dict(cfg, data_root=data_root)))
     except (FileNotFoundError, ValueError) as e:
         raise RunError(f"{args.run} ({cfg['data']}): {e}") from None
     model, cfg = load_run(args.run, device, args.weights, args.data_root, ckpt=ckpt)

@@ -97,7 +97,8 @@ def run(cfg, device, log=print):
     for c in cells:
         runs.open_run_dir(c, set())  # claimed: refused when it holds a run (unless --overwrite)
     train_ds, eval_ds = train.datasets(cfg)  # the data first, as in a single run
-    cells = [dict(c, num_classes=train_ds.num_classes) for c in cells]
+    read = runs.data_record(train_ds, eval_ds)
+    cells = [dict(c, num_classes=train_ds.num_classes, data_source=read) for c in cells]
     model = train.build(cells[0], device)  # every cell's separate run builds exactly this (same seed)
     tuned, total = sum(p.numel() for p in model.head.parameters()), sum(p.numel() for p in model.parameters())
     cached = not data.augments(cfg['data'])  # VTAB and digits train without augmentation

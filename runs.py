@@ -28,9 +28,10 @@ import torch.distributed as dist
 
 import data
 
-# what --resume may change; every other explicitly given flag must equal the checkpoint's value
+# what --resume may change (data: as long as check_resumed finds the same examples); every other explicitly given
+# flag must equal the checkpoint's value
 RESUME_OVERRIDES = {'resume', 'overwrite', 'out', 'workers', 'data_root', 'weights', 'log_interval',
-                    'stop_after_epoch', 'compile', 'device', 'grad_checkpointing', 'decoded_cache'}
+                    'stop_after_epoch', 'compile', 'device', 'grad_checkpointing', 'decoded_cache', 'vtab_source'}
 
 
 class RunError(RuntimeError):
@@ -198,13 +199,17 @@ def micro_batch(cfg, world):
 
 def check_resumed(ckpt, cfg, identity):
     """A resumed run continues with its head's class count, on the backbone tensors it was trained on (any file or
-    hub copy of them)."""
+    hub copy of them), on the same examples (config['data_source']'s fingerprints)."""
     if ckpt['args']['num_classes'] != cfg['num_classes']:
         raise RunError(f"cannot resume: {cfg['train_split']} of {cfg['data']} now holds {cfg['num_classes']} classes, "
                        f"the checkpoint's head has {ckpt['args']['num_classes']} ({cfg['out']})")
     if ckpt['identity'] != identity:
         raise RunError(f"cannot resume: the backbone is {identity}, but the checkpoint was trained on "
                        f"{ckpt['identity']} ({cfg['out']})")
+    was, now = ckpt['args'].get('data_source'), cfg.get('data_source')
+    if was and now and was['fingerprint'] != now['fingerprint']:  # e.g. VTAB-1k's TFDS files added since
+        raise RunError(f"cannot resume: the data read now ({now['source']}, {now['dir']}) are not the checkpoint's "
+                       f"({was['source']}, {was['dir']}); pass the --vtab-source / --data-root it read ({cfg['out']})")
 
 
 def warn(message):
@@ -336,6 +341,15 @@ def environment(device):
         commit = None
     return dict(device=name, torch=torch.__version__, timm=__import__('timm').__version__,
                 python=platform.python_version(), git_commit=commit)
+
+
+def data_record(*datasets):
+    """The data a run read (config['data_source']): the source (tfds, folder, scikit-learn), its folder, the TFDS
+    dataset and version, and per split the fingerprint `python data.py --check` prints."""
+    import datacheck
+    ds = datasets[0]
+    return dict(source=ds.source, dir=ds.root and str(ds.root), tfds_version=getattr(ds, 'version', None),
+                fingerprint={d.split: datacheck.fingerprint(d) for d in datasets})
 
 
 def result_record(config, accuracy, tuned, total, wall_time_s, device):

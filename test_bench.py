@@ -26,7 +26,7 @@ def run():
         results = bench.main(ARGS)
     assert results[0]['arm'] == 'meta'
     rows = [r for r in results[1:] if not r['role'].startswith('loader')]
-    assert [r['role'] for r in results[1 + len(rows):]] == ['loader', 'loader-cache', 'loader-cache'] + ['loader'] * 3
+    assert [r['role'] for r in results[1 + len(rows):]] == ['loader', 'loader-cache', 'loader-cache'] + ['loader'] * 6
     return rows, results[0], out.getvalue()
 
 
@@ -169,7 +169,9 @@ def test_loader_only():
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         rows = bench.main(['--loader-only', '--loader-images', '3', '--img-size', '32', '--batch-size', '2',
                            '--device', 'cpu'])
-    assert [r['data'] for r in rows] == ['cub', 'cub', 'cub', 'vtab-cifar', 'vtab-resisc45', 'vtab-clevr_count']
+    assert [r['data'] for r in rows] == ['cub'] * 3 + [f'vtab-{t}' for t in ('cifar', 'resisc45', 'clevr_count')
+                                                        for _ in range(2)]  # the folder, then TFDS's records
+    assert [r['arm'].endswith(', TFDS records') for r in rows[3:]] == [False, True] * 3
     for r in rows:
         rate = r['images_per_s_per_worker']
         assert r['images'] == 3 and rate > 0 and r['workers_for_gpu_rate'] == math.ceil(bench.GPU_RATE / rate)

@@ -5,8 +5,9 @@ Every text file git tracks (or would: untracked files that are not ignored) is s
   under a `reference` folder: neither is in the repository;
 - every path-like mention ending in .md, .py or .txt. It must be a tracked file (README.md, train.py,
   requirements.txt, test_*.py), or a VTAB-1k split file of the user's data folder (train800.txt, ...),
-  or a file one of the project's scripts writes (OUTPUT_FILES, by exact name), or belong to a named external source: the path comes after one of EXTERNAL (an official repository
-  as owner/name) in the same sentence, or right after one of SHORT ("SA²VP's datasets.py"), or lies
+  or a file one of the project's scripts writes (OUTPUT_FILES, by exact name), or belong to a named external
+  source: the path comes after one of EXTERNAL (an official repository as owner/name) in the same
+  sentence, or right after one of SHORT ("SA²VP's datasets.py"), or lies
   inside an installed package ("timm/models/vision_transformer.py"). A .md file must be tracked or
   follow an owner/name: a short name is not enough there, so no private note passes as "VPT's notes".
 Add a source to EXTERNAL when the code cites a new one.
@@ -22,9 +23,10 @@ ROOT = Path(__file__).resolve().parent
 # official repositories cited by owner/name (the sentence after one may name its files)
 EXTERNAL = ('KMnP/vpt', 'WangYZ1608/Self-Prompt-Tuning', 'tommy-xq/SA2VP', 'ryongithub/GatedPromptTuning',
             'facebookresearch/mae', 'facebookresearch/moco-v3', 'huggingface/pytorch-image-models',
-            'karpathy/nanoGPT', 'ZhangYuanhan-AI/NOAH', 'jeonsworld/ViT-pytorch')
+            'karpathy/nanoGPT', 'ZhangYuanhan-AI/NOAH', 'jeonsworld/ViT-pytorch', 'google-research/task_adaptation',
+            'tensorflow/tensorflow', 'tensorflow/datasets')
 # their short names: only a file named right after them ("VPT's optimizer.py", "NOAH get_vtab1k.py")
-SHORT = ('VPT', 'SPT', 'SA²VP', 'SA2VP', 'GaPT', 'NOAH', 'MAE', 'MoCo v3', 'nanoGPT', 'timm')
+SHORT = ('VPT', 'SPT', 'SA²VP', 'SA2VP', 'GaPT', 'NOAH', 'MAE', 'MoCo v3', 'nanoGPT', 'timm', 'task_adaptation')
 # installed packages, whose files every user has: a path inside one names its source
 PACKAGES = ('timm',)
 # files of the user's data folder, not of this repository (data.py's VTAB-1k layout)

@@ -39,7 +39,7 @@ DEFAULTS = dict(arch='vit_base_patch16_224', pretrain='in21k', eval_split='val',
                 grad_checkpointing=False, decoded_cache=False, resume=False, overwrite=False)
 # flags that change the result: spelled out in the default --out when given (and every method option)
 NAMED_FLAGS = ('img_size', 'mean', 'std', 'epochs', 'batch_size', 'lr', 'wd', 'wd_head', 'optimizer', 'momentum',
-               'warmup_epochs', 'min_lr', 'max_steps_per_epoch')
+               'warmup_epochs', 'min_lr', 'max_steps_per_epoch', 'vtab_source', 'pipeline')
 
 
 def recipe(key):
@@ -71,11 +71,13 @@ def build_parser():
     g.add_argument('--weights', help="weights file, any format of weights.py (default: --pretrain's hub weights)")
     g.add_argument('--data', choices=data.DATASETS, metavar='NAME', help="cub, ..., vtab-<task>, digits (required)")
     g.add_argument('--data-root', help="(default: $VPT_DATA_ROOT or ./data)")
+    g.add_argument('--vtab-source', choices=data.VTAB_SOURCES, help="VTAB-1k from (default: tfds when it is there)")
+    g.add_argument('--pipeline', choices=list(data.PIPELINES), help="VTAB-1k: a paper's input pipeline (DATA.md)")
     g.add_argument('--eval-split', choices=['val', 'test'], help="val: train / val; test: FGVC train, VTAB "
                    "train800val200 / test (default: val)")
     g.add_argument('--img-size', type=int, help="(default: 224)")
     for k in ('--mean', '--std'):
-        g.add_argument(k, type=float, nargs=3, help="normalisation (default: the backbone's)")
+        g.add_argument(k, type=float, nargs=3, help="normalisation (default: --pipeline's, else the backbone's)")
     g = p.add_argument_group("recipe (default: the method's paper recipe)")
     g.add_argument('--epochs', type=int, help=recipe('epochs'))
     g.add_argument('--batch-size', type=int, help="global, whatever the number of processes; " + recipe('batch_size'))
@@ -106,11 +108,9 @@ def build_parser():
     g.add_argument('--accum', type=int, help="micro-batches per optimizer step (default: 1)")
     g.add_argument('--workers', type=int, help="data loader workers per process (default: 4)")
     g.add_argument('--decoded-cache', **on, help="decode every image once into memory (for GPUs that outrun JPEG)")
-    g.add_argument('--eval-every', type=int, help="evaluate every N epochs and after the last (default: 1; test: "
-                   "after the last only)")
+    g.add_argument('--eval-every', type=int, help="evaluate every N epochs and the last (default: 1; test: the last)")
     g.add_argument('--log-interval', type=int, help="steps between progress lines, 0 = none (default: 20)")
-    g.add_argument('--out', help="run directory (default: runs/<method>-<data>-<pretrain>-<arch>-<split>-seed<s>"
-                   "[-<flag><value>...])")
+    g.add_argument('--out', help="run directory (default: runs/<method>-<data>-<pretrain>-<arch>-<split>-seed<s>-...)")
     g.add_argument('--resume', **on, help="continue --out/last.pt with its recorded configuration")
     g.add_argument('--overwrite', **on, help="start afresh in a directory that holds a run")
     g.add_argument('--max-steps-per-epoch', type=int, help="testing aid: cap the steps per epoch (and the schedule)")
@@ -138,7 +138,7 @@ def parse_args(argv=None):
                      f"grids of --method {cfg['method']}")
     for k, v in {**cls.recipe, **cls.data_defaults(cfg['data'])}.items():
         cfg[k] = v if cfg[k] is None else cfg[k]
-    mean, std = models.PRETRAIN[cfg['pretrain']][1]
+    mean, std = data.PIPELINES.get(cfg['pipeline']) or models.PRETRAIN[cfg['pretrain']][1]
     cfg['mean'], cfg['std'] = list(cfg['mean'] or mean), list(cfg['std'] or std)
     cfg['train_split'], cfg['eval_split_name'] = data.split_names(cfg['data'], cfg['eval_split'])
     if cfg['eval_every'] is None:  # a final run on test evaluates it once, after the last epoch
@@ -152,10 +152,9 @@ def parse_args(argv=None):
 
 def datasets(cfg, train_transform=True):
     """(train dataset, eval dataset), read before the weights: a missing folder or file, a bad label: a RunError."""
-    kw = dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'])
     try:
-        return (data.build_dataset(cfg['data'], cfg['train_split'], train=train_transform, **kw),
-                data.build_dataset(cfg['data'], cfg['eval_split_name'], **kw))
+        return (data.build_dataset(cfg['data'], cfg['train_split'], train=train_transform, **data.dataset_kwargs(cfg)),
+                data.build_dataset(cfg['data'], cfg['eval_split_name'], **data.dataset_kwargs(cfg)))
     except (FileNotFoundError, ValueError) as e:
         raise RunError(f"--data {cfg['data']}: {e}") from None
 
@@ -327,7 +326,7 @@ def run(cfg, explicit, rank, world, device):
         return done
     micro = runs.micro_batch(cfg, world)  # --batch-size / (processes x --accum)
     train_ds, eval_ds = datasets(cfg)  # the data before the weights
-    cfg = MappingProxyType(dict(cfg, num_classes=train_ds.num_classes))  # resolved: read-only from here on
+    cfg = MappingProxyType(dict(cfg, num_classes=train_ds.num_classes, data_source=runs.data_record(train_ds, eval_ds)))
     model = build(cfg, device)  # every rank seeded alike, so parameters start equal (DDP broadcasts them anyway)
     if cfg['decoded_cache']:
         import decoded_cache
@@ -344,9 +343,10 @@ def run(cfg, explicit, rank, world, device):
                   model_options=methods.built_options(model))
     tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log(f"{cfg['method']} on {cfg['data']} ({cfg['train_split']} -> {cfg['eval_split_name']}), {tuned:,} tuned of "
-        f"{total:,} parameters, batch {cfg['batch_size']} = {world} x {cfg['accum']} x {micro}, {cfg['epochs']} epochs "
-        f"x {sched[0]} steps, {record['amp_dtype']} on {device}, backbone {model.backbone.identity}; out {cfg['out']}")
+    log(f"{cfg['method']} on {cfg['data']} ({cfg['train_split']} -> {cfg['eval_split_name']}, {train_ds.source}), "
+        f"{tuned:,} tuned of {total:,} parameters, batch {cfg['batch_size']} = {world} x {cfg['accum']} x {micro}, "
+        f"{cfg['epochs']} epochs x {sched[0]} steps, {record['amp_dtype']} on {device}, backbone "
+        f"{model.backbone.identity}; out {cfg['out']}")
     step_fn = model.loss  # under torchrun DDP wraps it (no buffer broadcast: buffers, SA²VP's mask, are constants)
     if world > 1:
         step_fn = DDP(LossModule(model), device_ids=[device.index] if device.type == 'cuda' else None,
