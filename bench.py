@@ -20,7 +20,8 @@ straddle it (noise decides: run more --iters on a quieter machine). The targets,
   LSPT <= 1.3 x VPT-deep       at the same P: its shared LSTMCell adds 19% forward FLOPs at P = 100 for ViT-B.
   SA²VP <= 2.4 x backbone      ours does ~2.3x a backbone's FLOPs (80.4 vs 35.1 G for ViT-B; the official ~2.5x).
   SPT init / epoch             kmeans <= 1, random/mean/max <= 0.25: an init must not dominate a run.
---loader-only: only the input-pipeline table. --linear-grid: see linear_grid(). --json: the list main(argv) returns.
+The loader table: images/s of one worker on folder JPEGs, the same files as TFDS records, FGVC's decoded cache.
+--loader-only: that table alone. --linear-grid: see linear_grid(). --json: the list main(argv) returns.
 """
 
 import argparse
@@ -28,12 +29,12 @@ import contextlib
 import copy
 import ctypes
 import io
+import itertools
 import json
 import math
 import os
 import re
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -72,8 +73,8 @@ def parse_args(argv=None):
     p.add_argument('--batch-size', type=int, default=8, help='images per timed call')
     p.add_argument('--num-classes', type=int, default=200, help='head size (200 = CUB)')
     p.add_argument('--device', default='auto', help='auto (cuda when available, else cpu), cpu, cuda or cuda:N')
-    p.add_argument('--amp', default='auto', choices=['auto', 'none', 'bf16', 'fp16'],
-                   help="as train.py's: auto = bf16 autocast on CUDA, fp32 on the CPU")
+    p.add_argument('--amp', default='auto', choices=['auto', 'none', 'bf16', 'fp16'], help="as train.py's: auto = "
+                   "bf16 autocast on CUDA, fp32 on the CPU")
     p.add_argument('--iters', type=int, default=3, help='timed rounds (each runs every phase once)')
     p.add_argument('--warmup', type=int, default=1, help='rounds run first and dropped')
     p.add_argument('--init-iters', type=int, default=1, help='timed rounds of the SPT inits (the last ones)')
@@ -180,12 +181,11 @@ class CountingImages(torch.utils.data.TensorDataset):
 def row(arm, role, method=None, options=None, model=None, default=False, **extra):
     """A row of the table and the JSON; model (the one timed) gives the tuned parameters and the prompts."""
     tuned = 0 if model is None else sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return dict(dict(
-        arm=arm, role=role, method=method, options=options or {}, prompts=getattr(model, 'num_prompts', None),
-        default=default, tuned_params=tuned, gflops=None, fwd_ms=None, train_ms=None, fwd_times_ms=[],
-        train_times_ms=[], ratio=None, fwd_ratio=None, target=None, target_value=None, target_bound=None,
-        target_pass=None, target_spread=None, target_verdict=None, mem_fwd_mb=None, mem_train_mb=None, note=''),
-        **extra)
+    return dict(arm=arm, role=role, method=method, options=options or {}, prompts=getattr(model, 'num_prompts', None),
+                default=default, tuned_params=tuned, gflops=None, fwd_ms=None, train_ms=None, fwd_times_ms=[],
+                train_times_ms=[], ratio=None, fwd_ratio=None, target=None, target_value=None, target_bound=None,
+                target_pass=None, target_spread=None, target_verdict=None, mem_fwd_mb=None, mem_train_mb=None,
+                note='') | extra
 
 
 # --- ratios, targets and the table
@@ -257,10 +257,9 @@ def markdown(rows, meta):
              f"- medians of {meta['iters']} interleaved rounds after {meta['warmup']} warm-up round(s); "
              f"SPT inits: {meta['init_iters']} round(s), {meta['spt_images']} images; {meta['num_classes']} classes; "
              f"seed {meta['seed']}; {meta['seconds']:.0f} s in all",
-             '- fwd: eval forward, no_grad. train: zero_grad + loss + backward + optimizer step; for the backbone and '
-             'timm rows: fwd+bwd with the gradient to the input tokens only; for spt init rows: the init; the spt '
-             'epoch is estimated as steps x the median spt train step of this run',
-             '- ratios: medians of the per-round ratios (paired rounds); spt init / epoch: ratio of the times',
+             '- fwd: eval forward, no_grad. train: zero_grad + loss + backward + optimizer step (backbone, timm: '
+             'fwd+bwd, gradient to the input tokens only; init rows: the init; epoch: steps x the median train step); '
+             'ratios: medians of the per-round ratios (paired rounds); init / epoch: ratio of the times',
              f"- GFLOPs/img: one eval forward at batch 1 (spt init rows: the token extraction, k-means not counted). "
              f"Peak MB: {meta['memory']}", '',
              '| arm | tuned params | GFLOPs/img | fwd ms | train ms | ÷ backbone fwd+bwd | target '
@@ -299,46 +298,25 @@ def loader_rows(args, device, log):
                 img.save(path, quality=95)
             ds = data.ImageListDataset(name, 'train', tmp, [(p, 0) for p in paths], 1,
                                        data.build_transform(name, train=True, img_size=args.img_size))
-            rate = max(len(ds) / seconds(lambda: [ds[i] for i in range(len(ds))]) for _ in range(2))
             kb = sum(os.path.getsize(p) for p in paths) / len(ds) / 1024
-            rows.append(rate_row(label, 'loader', kb, rate, width=w, height=h))
-            if name.startswith('vtab-'):  # the same files, read as TFDS's records (tfds.py)
-                ds = tfds.TFDSDataset('dtd', 'test', tfds_folder(Path(tmp, name), paths), ds.transform)
-                rate = max(len(ds) / seconds(lambda: [ds[i] for i in range(len(ds))]) for _ in range(2))
-                rows.append(rate_row(f"{label}, TFDS records", 'loader', kb, rate, width=w, height=h))
+            sets = [(label, ds)] + [(f"{label}, TFDS records", tfds.TFDSDataset(  # the same files, as TFDS's records
+                'dtd', 'test', tfds.write_shard(Path(tmp, name), paths), ds.transform))] * name.startswith('vtab-')
+            for arm, d in sets:
+                rate = max(len(d) / seconds(lambda: [d[i] for i in range(len(d))]) for _ in range(2))
+                rows.append(rate_row(arm, 'loader', kb, rate, width=w, height=h))
             if name == 'cub':
                 cache = decoded_cache.DecodedCache(ds, train=True, img_size=args.img_size)
                 loader = data.build_loader(cache, args.batch_size, train=True, workers=0)
                 epochs = math.ceil(1024 / len(ds))
                 for finish, what in ((False, 'host side'), (True, f"host + flip/normalise on {device.type}")):
                     def passes():
-                        for _ in range(epochs):
-                            for x, _ in loader:
-                                if finish:
-                                    cache.finish(x[0].to(device), x[1].to(device))
+                        for x, _ in itertools.chain.from_iterable(loader for _ in range(epochs)):
+                            if finish:
+                                cache.finish(x[0].to(device), x[1].to(device))
                     rate = max(epochs * len(ds) / seconds(passes, device) for _ in range(3))
                     kb = cache.nbytes / len(ds) / 1024   # the cached uint8 bytes
                     rows.append(rate_row(f"{label}, decoded cache, {what}", 'loader-cache', kb, rate))
     return rows
-
-
-def tfds_folder(folder, paths):
-    """A TFDS version folder (dtd's names) whose test split holds the files at `paths`, label 0, in one shard."""
-    def ld(num, b):  # a length-delimited protobuf field
-        n, head = len(b), bytes([num << 3 | 2])
-        while n >= 0x80:
-            head, n = head + bytes([n & 0x7F | 0x80]), n >> 7
-        return head + bytes([n]) + b
-    folder.mkdir()
-    with open(folder / 'dtd-test.tfrecord-00000-of-00001', 'wb') as f:
-        for p in paths:  # tf.train.Example {'image': bytes_list, 'label': int64_list}, framed as a TFRecord
-            rec = ld(1, ld(1, ld(1, b'image') + ld(2, ld(1, ld(1, Path(p).read_bytes()))))
-                     + ld(1, ld(1, b'label') + ld(2, ld(3, ld(1, b'\0')))))
-            n = struct.pack('<Q', len(rec))
-            f.write(n + struct.pack('<I', tfds.masked_crc(n)) + rec + struct.pack('<I', tfds.masked_crc(rec)))
-    splits = [dict(name=s, shardLengths=[str(len(paths))] * (s == 'test')) for s in ('train', 'validation', 'test')]
-    (folder / 'dataset_info.json').write_text(json.dumps(dict(name='dtd', splits=splits)))
-    return folder
 
 
 def loader_markdown(rows):
@@ -354,7 +332,7 @@ def loader_markdown(rows):
 
 # --- the linear-probe grid
 def linear_grid(args):
-    """The linear-probe grid in one train.py run (features cached) vs one run per cell: 8 cells on digits, in-process."""
+    """The linear-probe grid in one train.py run (features cached) vs one run per cell: 8 digits cells, in-process."""
     lrs, wds = ['0.5', '0.2', '0.1', '0.05'], ['0.0', '0.001']
     common = ['--method', next(m for m, c in methods.METHODS.items() if c.grid_in_one_pass), '--data', 'digits',
               '--arch', 'vit_micro_patch8', '--pretrain', 'none', '--img-size', '16', '--epochs', str(args.grid_epochs),
@@ -419,10 +397,7 @@ def run(args, command):
             with torch.no_grad(), autocast():
                 forward(x)
         rows.append(r)
-        if forward is not None:
-            phases.append((r, 'fwd', fwd))
-        if step is not None:
-            phases.append((r, 'train', step))
+        phases.extend([(r, 'fwd', fwd)] * (forward is not None) + [(r, 'train', step)] * (step is not None))
         if forward or flops:
             r['gflops'] = count_gflops(flops or (lambda: forward(x1)))
         return r

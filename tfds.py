@@ -334,6 +334,26 @@ def resize_tf1(img, size):
     return x / 255
 
 
+def write_shard(folder, paths):
+    """A TFDS version folder (dtd's file names) whose test split is the image files at `paths` (label 0) as
+    tf.train.Example records in one shard, for bench.py's loader rows: the same files as a folder, read as TFDS's."""
+    def ld(num, b):  # a length-delimited protobuf field
+        n, head = len(b), bytes([num << 3 | 2])
+        while n >= 0x80:
+            head, n = head + bytes([n & 0x7F | 0x80]), n >> 7
+        return head + bytes([n]) + b
+    folder.mkdir()
+    with open(folder / 'dtd-test.tfrecord-00000-of-00001', 'wb') as f:
+        for p in paths:  # {'image': bytes_list, 'label': int64_list}, framed as a TFRecord
+            rec = ld(1, ld(1, ld(1, b'image') + ld(2, ld(1, ld(1, Path(p).read_bytes()))))
+                     + ld(1, ld(1, b'label') + ld(2, ld(3, ld(1, b'\0')))))
+            n = struct.pack('<Q', len(rec))
+            f.write(n + struct.pack('<I', masked_crc(n)) + rec + struct.pack('<I', masked_crc(rec)))
+    splits = [dict(name=s, shardLengths=[str(len(paths))] * (s == 'test')) for s in ('train', 'validation', 'test')]
+    (folder / 'dataset_info.json').write_text(json.dumps(dict(name='dtd', splits=splits)))
+    return folder
+
+
 def export(name, root, out, log=print):
     """NOAH's folder layout from vtab-<task>'s TFDS folder under root: out/vtab-1k/<task>/images/{train800,val200,
     test}/<i>.png (lossless) and the four list files, written last (train800val200 lists train800's and val200's
