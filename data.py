@@ -376,7 +376,8 @@ def build_loader(dataset, batch_size, train, workers=4, distributed=False, seed=
     """DataLoader for one split; batch_size is per process. train: TrainSampler order (call
     loader.sampler.set_epoch(epoch) each epoch), no drop_last (a ViT has no batch statistics); eval: in order,
     ShardSampler's share under DDP. Augmentation draws from torch's global RNG (train workers get their seeds
-    from it each epoch, so they are not persistent), which train.py checkpoints."""
+    from it each epoch, so they are not persistent), which train.py checkpoints; eval workers start once per process,
+    so they take their seed from a generator of their own (else a resumed run's global RNG would differ)."""
     if train:
         if distributed:
             sampler = TrainSampler(dataset, shuffle=True, seed=seed)
@@ -386,7 +387,7 @@ def build_loader(dataset, batch_size, train, workers=4, distributed=False, seed=
         sampler = ShardSampler(dataset) if distributed else None  # None: sequential
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False,
                       num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0 and not train)
+                      persistent_workers=workers > 0 and not train, generator=None if train else torch.Generator())
 
 
 if __name__ == '__main__':  # python data.py --check NAME [--data-root DIR] [--decode]
