@@ -120,6 +120,10 @@ def dataset_dir(name, root=None):
         return root
     marker = 'train.json' if kind == 'fgvc' else 'train800.txt'
     sub = root / FGVC[name][0] if kind == 'fgvc' else root / 'vtab-1k' / name[5:]
+    other = {FGVC[n][0]: n for n in FGVC} | {t: f'vtab-{t}' for t in VTAB}  # a benchmark folder -> its dataset
+    if (root / marker).is_file() and other.get(root.name, name) != name:
+        raise ValueError(f"{root} is the folder of {other[root.name]}, not of {name}: pass --data {other[root.name]}, "
+                         f"or --data-root the folder that holds {name}'s")
     if (root / marker).is_file():
         return root
     if sub.is_dir():

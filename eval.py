@@ -29,7 +29,8 @@ def parse_args(argv=None):
                    "hold the recorded backbone's tensors, in any format")
     p.add_argument('--data-root', default=None, help="default: the recorded one, else $VPT_DATA_ROOT or ./data")
     p.add_argument('--batch-size', type=int, default=None, help="default: the run's per-process micro-batch")
-    p.add_argument('--workers', type=int, default=4, help="(default: %(default)s)")
+    p.add_argument('--workers', type=int, default=runs.DEFAULT_WORKERS, help="(default: min(4, CPUs), here "
+                   "%(default)s)")
     p.add_argument('--device', default='auto', help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument('--maps', type=int, default=0, metavar='N', help="draw maps of the first N images into RUN/maps/")
     return p.parse_args(argv)
@@ -63,7 +64,7 @@ def main(argv=None):
     data_root = args.data_root if args.data_root is not None else cfg['data_root']
     try:  # the data before the weights: the split file is read in a moment
         ds = data.build_dataset(cfg['data'], split_name, root=data_root, img_size=cfg['img_size'],
-                                mean=cfg['mean'], std=cfg['std'])
+                                mean=cfg['mean'], std=cfg['std'], strict_classes=not cfg.get('allow_partial'))
     except (FileNotFoundError, ValueError) as e:
         raise RunError(f"{args.run} ({cfg['data']}): {e}") from None
     model, cfg = load_run(args.run, device, args.weights, args.data_root, ckpt=ckpt)

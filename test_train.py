@@ -594,6 +594,10 @@ def test_every_anticipated_failure_is_one_error_line(tmp_path, monkeypatch, caps
     assert err == f"error: --data vtab-dtd: {folder / 'train800.txt'}:4: label 99 out of range 0..46 (vtab-dtd has " \
                   f"47 classes)\n"
     folder = write_vtab_dtd(tmp_path / 'data')
+    cifar = [a if a != 'vtab-dtd' else 'vtab-cifar' for a in vtab[:-4]] + ['--data-root', folder, '--workers', '0']
+    _, err = cli_error(monkeypatch, capsys, train.main, cifar)  # the dtd task folder given for vtab-cifar
+    assert err == f"error: --data vtab-cifar: {folder} is the folder of vtab-dtd, not of vtab-cifar: pass --data " \
+                  f"vtab-dtd, or --data-root the folder that holds vtab-cifar's\n"
     workers = [a if a != '0' or vtab[i - 1] != '--workers' else '2' for i, a in enumerate(vtab)]
     (folder / 'images' / 'train800' / '000005.jpg').unlink()
     _, err = cli_error(monkeypatch, capsys, train.main, workers)
@@ -613,9 +617,18 @@ def test_every_anticipated_failure_is_one_error_line(tmp_path, monkeypatch, caps
                            (['--epochs', '0'], 'error: --epochs 0 must be at least 1\n'),
                            (['--device', 'gpu'], "error: --device 'gpu': expected auto, cpu, cuda or cuda:N\n"),
                            (['--weights', tmp_path / 'w.pth'], 'error: --pretrain none means a random backbone, but '
-                                                               'a weights file was given')]:
+                                                               'a weights file was given'),
+                           (['--pretrain', 'mae', '--weights', weights_files(tmp_path)[1]],  # a learned pos_embed
+                            f"error: --pretrain mae does not fit {tmp_path / 'b.pth'} (timm state dict; its pos_embed "
+                            f"is learned, as a supervised ViT's is); pass --pretrain in21k or in21k-augreg\n")]:
         _, err = cli_error(monkeypatch, capsys, train.main, digits + extra)
         assert err.startswith(message), err
+    # timm's habit `--resume PATH`: what to type instead (argparse's status 2, its usage line, then ours)
+    monkeypatch.setattr(sys, 'argv', ['train.py', '--resume', 'runs/x/last.pt'])
+    with pytest.raises(SystemExit) as info:
+        runs.cli(train.main)
+    assert info.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == \
+        "train.py: error: --resume takes no path: continue the run in runs/x with `--resume --out runs/x`"
     # eval.py: not a run directory
     code, err = cli_error(monkeypatch, capsys, eval_py.main, ['--run', tmp_path / 'nowhere'])
     assert code == 1 and err == f"error: {tmp_path / 'nowhere'} holds no last.pt: not a train.py run directory " \
@@ -747,6 +760,30 @@ def test_linear_grid_refusals(tmp_path):
         train.main(LINEAR_GRID + ['--lr', '0.1', '--wd', '0,0.01', '--epochs', '1', '--out', str(tmp_path / 'g')])
 
 
+def test_one_process_per_run_directory(tmp_path):
+    """A run directory held by a live process (its pid in <out>/.lock, as runs.lock writes it) is refused with one
+    line naming that pid, for a run and for a grid's cell; once the holder is SIGKILLed, the same command runs."""
+    args = TINY + ['--method', 'linear', '--epochs', '1', '--max-steps-per-epoch', '1', '--batch-size', '16']
+    cell = tmp_path / 'grid' / 'lr0.1_wd0'
+    for d in (tmp_path / 'run', cell):
+        d.mkdir(parents=True)
+    hold = ("import fcntl, os, sys, time\nfiles = [open(os.path.join(d, '.lock'), 'a+') for d in sys.argv[1:]]\n"
+            "for f in files:\n    fcntl.lockf(f, fcntl.LOCK_EX)\n    f.write(f'{os.getpid()}\\n')\n    f.flush()\n"
+            "print('held', flush=True)\ntime.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, '-c', hold, str(tmp_path / 'run'), str(cell)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == 'held\n'
+        for out, lr in ((tmp_path / 'run', '0.1'), (tmp_path / 'grid', '0.1,0.2')):
+            with pytest.raises(RunError, match=f"^{out if lr == '0.1' else cell} is in use by process {holder.pid}"):
+                train.main(args + ['--lr', lr, '--out', str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main(args + ['--lr', '0.1', '--out', str(tmp_path / 'run')])['epochs'] == 1
+    assert len(train.main(args + ['--lr', '0.1,0.2', '--out', str(tmp_path / 'grid')])) == 2
+
+
 def test_linear_grid_with_augmentation_equals_separate_runs(tmp_path, monkeypatch):
     """FGVC (random crop and flip): features recomputed per batch, shared by the heads; still the separate runs'."""
     from test_data import make_fgvc
@@ -763,6 +800,28 @@ def test_linear_grid_with_augmentation_equals_separate_runs(tmp_path, monkeypatc
         b = torch.load(tmp_path / f'own{lr}' / 'last.pt', weights_only=True)['model']
         for k in b:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_a_partial_run_resumes_and_evaluates_in_a_fresh_shell(tmp_path, monkeypatch):
+    """VPT_ALLOW_PARTIAL=1 is recorded with the run: --resume and eval.py work without it in the environment."""
+    from test_data import make_fgvc
+    make_fgvc(tmp_path / 'data', 'dogs')  # 3 of Stanford Dogs' 120 classes
+    args = [a if a != 'digits' else 'dogs' for a in LINEAR_GRID] + ['--data-root', str(tmp_path / 'data'),
+                                                                   '--batch-size', '2', '--out', str(tmp_path / 'run')]
+    with pytest.raises(RunError, match='has 3 classes but dogs has 120: wrong or partial split files'):
+        train.main(args)
+    monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')
+    assert train.main(args + ['--overwrite', '--stop-after-epoch', '1']) is None
+    monkeypatch.delenv('VPT_ALLOW_PARTIAL')  # a fresh shell
+    result = train.main(['--resume', '--out', str(tmp_path / 'run')])
+    assert result['config']['allow_partial'] and result['config']['num_classes'] == 3
+    assert eval_py.main(['--run', str(tmp_path / 'run'), '--workers', '0']) == result['accuracy']
+
+
+def test_workers_default_avoids_torchs_warning():
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    assert train.parse_args(['--method', 'vpt', '--data', 'cub'])[0]['workers'] == runs.DEFAULT_WORKERS == min(4, cpus)
+    assert f"(default: min(4, CPUs), here {min(4, cpus)})" in ' '.join(train.build_parser().format_help().split())
 
 
 def test_your_own_dataset(tmp_path, monkeypatch, capsys):
