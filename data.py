@@ -129,6 +129,10 @@ def dataset_dir(name, root=None):
         return root
     marker = 'train.json' if kind == 'fgvc' else 'train800.txt'
     sub = root / FGVC[name][0] if kind == 'fgvc' else root / 'vtab-1k' / name[5:]
+    other = {FGVC[n][0]: n for n in FGVC} | {t: f'vtab-{t}' for t in VTAB}  # a benchmark folder -> its dataset
+    if (root / marker).is_file() and other.get(root.name, name) != name:
+        raise ValueError(f"{root} is the folder of {other[root.name]}, not of {name}: pass --data {other[root.name]}, "
+                         f"or --data-root the folder that holds {name}'s")
     if (root / marker).is_file():
         return root
     if sub.is_dir():
@@ -375,7 +379,8 @@ def build_dataset(name, split, root=None, img_size=224, mean=IMAGENET_MEAN, std=
 def dataset_kwargs(cfg):
     """build_dataset's keyword arguments from a run's configuration (train.py's flags)."""
     return dict(root=cfg['data_root'], img_size=cfg['img_size'], mean=cfg['mean'], std=cfg['std'],
-                source=cfg.get('vtab_source'), pipeline=cfg.get('pipeline'))
+                source=cfg.get('vtab_source'), pipeline=cfg.get('pipeline'),
+                strict_classes=not cfg.get('allow_partial'))  # a VPT_ALLOW_PARTIAL=1 run stays partial
 
 
 # -----------------------------------------------------------------------------
@@ -416,7 +421,8 @@ def build_loader(dataset, batch_size, train, workers=4, distributed=False, seed=
     """DataLoader for one split; batch_size is per process. train: TrainSampler order (call
     loader.sampler.set_epoch(epoch) each epoch), no drop_last (a ViT has no batch statistics); eval: in order,
     ShardSampler's share under DDP. Augmentation draws from torch's global RNG (train workers get their seeds
-    from it each epoch, so they are not persistent), which train.py checkpoints."""
+    from it each epoch, so they are not persistent), which train.py checkpoints; eval workers start once per process,
+    so they take their seed from a generator of their own (else a resumed run's global RNG would differ)."""
     if train:
         if distributed:
             sampler = TrainSampler(dataset, shuffle=True, seed=seed)
@@ -426,7 +432,7 @@ def build_loader(dataset, batch_size, train, workers=4, distributed=False, seed=
         sampler = ShardSampler(dataset) if distributed else None  # None: sequential
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False,
                       num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0 and not train)
+                      persistent_workers=workers > 0 and not train, generator=None if train else torch.Generator())
 
 
 if __name__ == '__main__':  # python data.py --check NAME [--data-root DIR] [--decode]

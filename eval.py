@@ -29,7 +29,8 @@ def parse_args(argv=None):
                    "recorded one)")
     p.add_argument('--data-root', help="(default: the recorded one)")
     p.add_argument('--batch-size', type=int, help="(default: the run's per-process micro-batch)")
-    p.add_argument('--workers', type=int, default=4, help="(default: %(default)s)")
+    p.add_argument('--workers', type=int, default=runs.DEFAULT_WORKERS, help="(default: min(4, CPUs), here "
+                   "%(default)s)")
     p.add_argument('--device', default='auto', help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument('--maps', type=int, default=0, metavar='N', help="draw maps of the first N images into RUN/maps/")
     return p.parse_args(argv)

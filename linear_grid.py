@@ -94,8 +94,7 @@ def run(cfg, device, log=print):
     lrs, wds = ([v] if not isinstance(v, list) else v for v in (cfg['lr'], cfg['wd']))
     t_run = time.time()
     cells = [dict(cfg, lr=lr, wd=wd, out=os.path.join(cfg['out'], cell_name(lr, wd))) for wd in wds for lr in lrs]
-    for c in cells:
-        runs.open_run_dir(c, set())  # claimed: refused when it holds a run (unless --overwrite)
+    cells = [runs.open_run_dir(c, set())[0] for c in cells]  # held and claimed: refused when in use or holding a run
     train_ds, eval_ds = train.datasets(cfg)  # the data first, as in a single run
     read = runs.data_record(train_ds, eval_ds)
     cells = [dict(c, num_classes=train_ds.num_classes, data_source=read) for c in cells]
@@ -113,7 +112,7 @@ def run(cfg, device, log=print):
     workers = 0 if cached else cfg['workers']
     train_loader = data.build_loader(train_ds, cfg['batch_size'], True, workers, seed=cfg['seed'])
     eval_loader = data.build_loader(eval_ds, cfg['batch_size'], False, workers)
-    sched = train.schedule(cfg, train_loader)
+    sched = train.schedule(dict(cfg, lr=max(lrs)), train_loader)  # its warning names the largest lr
     how = (f"features cached: {len(train_ds)} {cfg['train_split']} + {len(eval_ds)} {cfg['eval_split_name']} images, "
            f"one backbone forward each ({time.time() - t0:.1f}s)" if cached else
            "features recomputed per batch (random augmentation), one backbone forward per batch for all heads")

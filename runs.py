@@ -7,17 +7,21 @@ this part in facebookresearch/mae).
     <out>/last.pt        tuned tensors only, optimizer, scaler, step, epoch, RNG states, the configuration
                          ('args'), the backbone identity; written atomically (write, then rename)
     <out>/result.json    the final accuracy and what a table needs, the environment, the whole configuration
+    <out>/.lock          the pid of the one process that may write the directory (see lock)
 
 A fresh start refuses a directory that holds a run unless --overwrite; --resume continues the configuration
 recorded in last.pt, and an explicitly given flag may differ from it only if it is in RESUME_OVERRIDES. Every
-anticipated failure is a RunError, which `cli` prints as one `error: ...` line (exit status 1; 130 for Ctrl-C).
+anticipated failure is a RunError, which `cli` prints as one `error: ...` line (exit status 1; 130 for Ctrl-C,
+SIGTERM and SIGHUP, which stop a run alike).
 """
 
+import fcntl
 import json
 import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +36,8 @@ import data
 # flag must equal the checkpoint's value
 RESUME_OVERRIDES = {'resume', 'overwrite', 'out', 'workers', 'data_root', 'weights', 'log_interval',
                     'stop_after_epoch', 'compile', 'device', 'grad_checkpointing', 'decoded_cache', 'vtab_source'}
+# --workers' default: torch warns when a loader has more workers than the CPUs this process may run on
+DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)
 
 
 class RunError(RuntimeError):
@@ -42,9 +48,19 @@ class Interrupted(RunError):
     """Ctrl-C: the CLI prints the message and exits with status 130, as a shell does for SIGINT."""
 
 
+def stop_on_signals():
+    """SIGTERM and SIGHUP (a sweep stopped, a closed terminal, a scheduler's end of job) stop the process as Ctrl-C
+    does: a KeyboardInterrupt in the main thread."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, interrupt)
+
+
 def cli(main_fn):
-    """Run main_fn on the command line. An anticipated failure (RunError, an unreadable image, Ctrl-C) prints one
-    `error: ...` line, no traceback, and exits with status 1 (130 for Ctrl-C)."""
+    """Run main_fn on the command line. An anticipated failure (RunError, an unreadable image, Ctrl-C, SIGTERM,
+    SIGHUP) prints one `error: ...` line, no traceback, and exits with status 1 (130 when interrupted)."""
+    stop_on_signals()
     try:
         main_fn(sys.argv[1:])
     except (RunError, data.ImageError) as e:
@@ -86,6 +102,15 @@ def setup_distributed(name):
         torch.cuda.set_device(device)
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def parse_flags(parser, argv):
+    """parser.parse_args(argv), with one line for timm's habit `--resume PATH`: here --resume takes no value."""
+    args, rest = parser.parse_known_args(argv)
+    if rest and getattr(args, 'resume', None) and not rest[0].startswith('-'):
+        run = os.path.dirname(rest[0]) if rest[0].endswith('.pt') else rest[0]
+        parser.error(f"--resume takes no path: continue the run in {run} with `--resume --out {run}`")
+    return parser.parse_args(argv)  # anything else left over: argparse's own message
 
 
 def run_name(cfg, explicit, named):
@@ -140,6 +165,44 @@ def check_flags(cfg, explicit, takes, flag, patch):
 # -----------------------------------------------------------------------------
 # starting, resuming
 
+_LOCKS = {}  # run directory -> the open <out>/.lock of a directory this process holds
+
+
+def lock(out):
+    """Hold the directory `out` for this process (again: nothing to do): a POSIX lock on out/.lock, which records
+    the pid. The kernel drops it when the process ends, even by SIGKILL; forked loader workers do not inherit it."""
+    out = os.path.abspath(out)
+    if out in _LOCKS:
+        return
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, '.lock'), 'a+')
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or '?'
+        f.close()
+        raise RunError(f"{out} is in use by process {pid}, which holds {os.path.join(out, '.lock')}; wait for it to "
+                       f"end, or stop it (kill {pid}) and continue with --resume") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[out] = f
+
+
+def unlock(out=None):
+    """Release the directory `out` (None: every directory this process holds)."""
+    for key in [os.path.abspath(out)] if out else list(_LOCKS):
+        if key in _LOCKS:
+            _LOCKS.pop(key).close()
+
+
+def teardown():
+    """The end of a run, however it ends: its directories released, the torchrun process group destroyed."""
+    unlock()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
 
 def claim(out, overwrite, remove=True):
     """A fresh start in `out`: refused when it holds a run, unless --overwrite (then its run files go)."""
@@ -159,11 +222,14 @@ def open_run_dir(cfg, explicit, rank=0):
     of a resumed run that has finished already or None). A resume continues the configuration recorded in last.pt
     with the RESUME_OVERRIDES that were given; metrics.jsonl keeps the lines up to the checkpoint's epoch."""
     out, ckpt = cfg['out'], None
+    if cfg['resume'] and not os.path.isfile(os.path.join(out, 'last.pt')):
+        raise RunError(f"cannot resume: {os.path.join(out, 'last.pt')} does not exist")
+    if rank == 0:  # under torchrun, rank 0 holds the directory for every process
+        lock(out)
     if not cfg['resume']:
         claim(out, cfg['overwrite'], remove=rank == 0)
+        cfg = dict(cfg, allow_partial=os.environ.get('VPT_ALLOW_PARTIAL') == '1')  # recorded: resume and eval.py
     else:
-        if not os.path.isfile(os.path.join(out, 'last.pt')):
-            raise RunError(f"cannot resume: {os.path.join(out, 'last.pt')} does not exist")
         ckpt = torch.load(os.path.join(out, 'last.pt'), map_location='cpu', weights_only=True)
         rec = ckpt['args']
         if 'method' in explicit and cfg['method'] != rec['method']:

@@ -12,25 +12,30 @@ DIR/results.{md,csv,json,png} and DIR/<data>/grid.png. README, "Reproduce a tabl
 
 Every cell is an ordinary train.py run directory, so the report only reads directories, whoever ran the cells.
 Rerunning the same command skips finished cells and resumes unfinished ones; a cell directory recorded with
-another configuration is an error, never reused.
+another configuration is an error, never reused. The data and weights are checked before any cell starts; Ctrl-C,
+SIGTERM or SIGHUP stop the running cells as Ctrl-C does, and no cell outlives its sweep, even a killed one.
 """
 
 import argparse
 import csv
+import ctypes
 import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
 
 import data
+import datacheck
 import linear_grid
 import methods
 import runs
 import train
+import weights
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 # VTAB-1k's groups, each task with its test set size for --dry-run (the full official test set: tfds, as NOAH's
@@ -50,6 +55,7 @@ GROUP_NAMES = {'vtab-natural': 'Natural', 'vtab-specialized': 'Specialized', 'vt
 SEEDS = [42, 44, 82, 100, 800]  # KMnP/vpt tune_vtab.py: the final-run seeds
 
 # The papers' numbers (ViT-B/16, top-1 %, test) are each method class's `papers` (methods.py), in this order:
+PAPER_SETTING = ('vit_base_patch16_224', 224)  # (arch, img size) of every number in `papers`
 PAPER_KEYS = ('cub', 'nabirds', 'flowers', 'dogs', 'cars', 'fgvc', 'vtab-natural', 'vtab-specialized',
               'vtab-structured')
 
@@ -67,7 +73,7 @@ def folder_sizes(name, spec):
     return n['train'], n['val'], n['train'], n['test']
 
 
-class SweepError(RuntimeError):
+class SweepError(runs.RunError):
     """A sweep that cannot go on; printed as one `error:` line."""
 
 
@@ -119,6 +125,10 @@ def parse_args(argv):
     g.add_argument('--dry-run', action='store_true', help="print the number of runs and image passes per phase")
     g.add_argument('--report', metavar='DIR', help="write DIR/results.{md,csv,json,png} from whatever has "
                    "finished, and print the table")
+    unknown = p.parse_known_args(argv)[1]  # `sweep.py --epochs 2`: what to type instead
+    if unknown and unknown[0].split('=')[0] in {o for a in train.build_parser()._actions for o in a.option_strings}:
+        p.error(f"{unknown[0]} is a flag of train.py: give it after --, e.g. `python sweep.py ... -- "
+                f"{shlex.join(unknown)}`")
     args = p.parse_args(argv)
     if args.report is None and (args.method is None or args.data is None):
         p.error("--method and --data are required (or --report DIR)")
@@ -158,6 +168,24 @@ def intended_config(argv):
         raise SweepError(f"train.py refuses the flags {shlex.join(argv)}") from None
     except runs.RunError as e:  # a value that cannot work (a negative lr, ...) or an option of another method
         raise SweepError(f"train.py refuses {shlex.join(argv)}: {e}") from None
+
+
+def check_first(spec):
+    """Before any cell: the files of every dataset with cells left (the splits both phases read, as `data.py --check`
+    checks them) and the weights, resolved once (the hub asked once, not by every cell); a SweepError otherwise."""
+    try:
+        for name in [n for n in spec['data'] if todo(spec, n)]:
+            splits = dict.fromkeys(s for split in ('val', 'test') for s in data.split_names(name, split))
+            datacheck.check(name, spec['data_root'], splits=list(splits))
+        weights.checked(spec['arch'], spec['pretrain'], spec['weights'], spec['img_size'])
+    except (FileNotFoundError, ValueError, weights.CheckpointError) as e:  # each names the dataset or the file
+        raise SweepError(str(e)) from None
+
+
+def last_error(log):
+    """The text of the last `error: ...` line in a cell's log ('' when there is none)."""
+    with open(log, errors='replace') as f:
+        return next((ln[7:].strip() for ln in reversed(f.readlines()) if ln.startswith('error: ')), '')
 
 
 def cell_name(lr, wd, prompts):
@@ -271,10 +299,17 @@ class Launcher:
         if self.executor:  # the job's result: train.py's exit status
             shell = shlex.join(task.command()) + ' >> ' + shlex.quote(task.log) + ' 2>&1'
             return self.executor.submit(subprocess.call, ['sh', '-c', shell])
-        slot = self.free.pop(0)
+        slot, sweep = self.free.pop(0), os.getpid()
         env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': self.gpus[slot % len(self.gpus)]} if self.gpus else {}))
-        with open(task.log, 'a') as log:
-            return subprocess.Popen(task.command(), stdout=log, stderr=subprocess.STDOUT, env=env), slot
+
+        def end_with_the_sweep():  # in the cell, before exec: SIGTERM when the sweep dies, even by SIGKILL (Linux)
+            if sys.platform.startswith('linux'):
+                ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+            if os.getppid() != sweep:  # it died before that
+                os.kill(os.getpid(), signal.SIGTERM)
+        with open(task.log, 'a') as log:  # a session of its own: a terminal's Ctrl-C reaches the cell once, via stop
+            return subprocess.Popen(task.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True, preexec_fn=end_with_the_sweep), slot
 
     def poll(self, handle):  # the exit status, or None while it runs
         if self.executor:
@@ -288,9 +323,13 @@ class Launcher:
         return rc
 
     def stop(self, handle):
-        if not self.executor:  # SLURM jobs keep running; the next sweep skips or resumes them
-            handle[0].terminate()
-            handle[0].wait()
+        if not self.executor:  # as Ctrl-C: the cell's log says so (SLURM jobs keep running; a rerun resumes them)
+            handle[0].send_signal(signal.SIGINT)
+            try:
+                handle[0].wait(timeout=60)
+            except subprocess.TimeoutExpired:  # it must not outlive the sweep
+                handle[0].kill()
+                handle[0].wait()
 
 
 def execute(spec, launcher):
@@ -306,6 +345,7 @@ def execute(spec, launcher):
 
     print(f"sweep {spec['out']}: {len(names)} datasets x ({len(spec['grid'])} grid cells + {len(spec['seeds'])} "
           f"seeds) = {n_total} runs, {counts()[0]} finished before", flush=True)
+    runs.lock(spec['out'])  # one sweep per directory
     try:
         while True:
             busy = {task.data for task, _, _ in running.values()}
@@ -339,20 +379,22 @@ def execute(spec, launcher):
                     else:
                         failed.append(c)
                         os.makedirs(c.dir, exist_ok=True)
+                        why = f"exit status {rc}" + (f": {last_error(task.log)}" if last_error(task.log) else '')
                         with open(c.failed_path, 'w') as f:
-                            f.write(f"exit status {rc}; log: {task.log}\n")
-                        c.log, what = task.log, f"FAILED (exit status {rc}), log {task.log}"
+                            f.write(f"{why}; log: {task.log}\n")
+                        c.log, what = task.log, f"FAILED ({why}), log {task.log}"
                     done, n_run, n_fail, left = counts()
                     eta = ('?' if launcher.capacity == 10**9 else  # SLURM: all at once, no ETA
                            runs.duration(sum(durations) / len(durations) * (left + n_run / 2) / launcher.capacity))
                     print(f"[{done} done, {n_run} running, {n_fail} failed, {left} left | elapsed "
                           f"{runs.duration(time.time() - t_start)}, eta {eta}] {c.data} {c.key}: {what}", flush=True)
     except KeyboardInterrupt:
-        raise SweepError("interrupted; rerun the same command to continue (finished cells are kept, unfinished "
+        raise runs.Interrupted("interrupted; rerun the same command to continue (finished cells are kept, unfinished "
                          "ones resume)") from None
     finally:  # after an error or Ctrl-C, stop the running cells; a rerun resumes them
         for _, handle, _ in running.values():
             launcher.stop(handle)
+        runs.unlock(spec['out'])
     print(f"sweep finished in {runs.duration(time.time() - t_start)}; {len(failed)} failed; report in "
           f"{spec['out']}/results.md", flush=True)
     return failed
@@ -410,6 +452,9 @@ def report(out):
     with open(path) as f:
         spec = dict(json.load(f), out=out)
     source, values = methods.METHODS[spec['method']].papers.get(spec['pretrain'], (None, ()))
+    model = (spec['arch'], spec.get('img_size', 224))
+    if model != PAPER_SETTING:  # no paper number, and no delta, beside another model's
+        source, values = None, ()
     paper = dict(zip(PAPER_KEYS, values))
     rows = []
     for name in spec['data']:
@@ -437,7 +482,8 @@ def report(out):
         csv.writer(f).writerows([list(rows[0])] + [
             [';'.join(map(str, v)) if isinstance(v, list) else '' if v is None else v for v in r.values()]
             for r in rows])
-    src = f" ({source})" if source else ' (no published number for this pair)'
+    src = (f" ({source})" if source else ' (no published number for this pair)' if model == PAPER_SETTING else
+           f" (none: the papers' numbers are ViT-B/16 at 224 px, this is {model[0]} at {model[1]} px)")
     md = [f"# {spec['method']}, {spec['pretrain']} ({spec['arch']})", '',
           f"Grid of {len(spec['grid'])} cells on val, then {len(spec['seeds'])} seeds "
           f"({','.join(map(str, spec['seeds']))}) on test; top-1 %, final epoch; paper{src}.", '',
@@ -522,6 +568,7 @@ def main(argv):
     for name in names:  # every existing cell directory (both phases) must hold this sweep's configuration
         for cell in sum(dataset(spec, name)[:2], []):
             cell.check()
+    check_first(spec)  # the data and the weights, before anything is written
     os.makedirs(out, exist_ok=True)
     runs.atomic_json(spec, os.path.join(out, 'sweep.json'))
     if args.print_commands:  # phase 2 appears once a dataset's phase 1 has finished
@@ -532,13 +579,18 @@ def main(argv):
     failed = execute(spec, Launcher(args, out))
     report(out)
     for cell in failed:
-        print(f"error: {cell.data} {cell.key} failed; see {cell.log}", file=sys.stderr)
+        print(f"error: {cell.data} {cell.key} failed ({last_error(cell.log) or 'no error line'}); see {cell.log}",
+              file=sys.stderr)
     return 1 if failed else 0
 
 
 if __name__ == '__main__':
+    runs.stop_on_signals()  # SIGTERM, SIGHUP: as Ctrl-C
     try:
         sys.exit(main(sys.argv[1:]))
-    except SweepError as e:
+    except runs.RunError as e:  # a SweepError, or another sweep that holds --out
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(130 if isinstance(e, runs.Interrupted) else 1)
+    except KeyboardInterrupt:  # before or after the cells ran
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -249,6 +249,11 @@ def test_root_may_be_the_dataset_folder(root):
         direct = build(name, split, folder)
         assert direct.samples == build(name, split, root).samples
         assert direct[0][0].shape == (3, 224, 224)
+    # a benchmark folder of another dataset is an error naming it, not a silent substitute
+    for name, folder, other in [('vtab-cifar', root / 'vtab-1k' / 'eurosat', 'vtab-eurosat'), ('cub', root / 'dogs',
+                                                                                               'dogs')]:
+        with pytest.raises(ValueError, match=f"{folder} is the folder of {other}, not of {name}: pass --data {other}"):
+            data.dataset_dir(name, folder)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -311,7 +316,7 @@ def test_error_unreadable_and_missing_image(root, monkeypatch):
     with pytest.raises(data.ImageError, match=r"image file not found: .*OxfordFlower/jpg/image_train00001\.jpg"):
         ds[1]
     monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')  # check() builds with the default strict_classes
-    with pytest.raises(FileNotFoundError, match=r"(?s)flowers train: 1 of 6 image files are missing.*train00001\.jpg"):
+    with pytest.raises(ValueError, match=r"(?s)flowers: train: 1 of 6 image files are missing.*train00001\.jpg"):
         datacheck.check('flowers', root / 'OxfordFlower')  # --check finds it up front
     # the loader propagates the error with the path
     with pytest.raises(data.ImageError, match='image_train00001'):
@@ -357,7 +362,7 @@ def test_check_decode_lists_every_unreadable_image(root, monkeypatch, capsys):
     garbage = folder / 'Images' / sorted(json.loads((folder / 'test.json').read_text()))[1]
     garbage.write_bytes(b'GIF89a but not really')
     assert len(datacheck.check('dogs', root)) == 3  # without --decode the files only have to exist
-    with pytest.raises(data.ImageError) as info:
+    with pytest.raises(ValueError) as info:
         datacheck.check('dogs', root, decode=True, workers=2)
     message = str(info.value)
     assert message.startswith('dogs: 2 of 12 images cannot be decoded')
@@ -367,9 +372,21 @@ def test_check_decode_lists_every_unreadable_image(root, monkeypatch, capsys):
     assert datacheck.main(['--check', 'dogs', '--data-root', str(root), '--decode']) == 1
     err = capsys.readouterr().err
     assert err.startswith('error: dogs: 2 of 12 images') and str(garbage) in err and 'Traceback' not in err
+    # every kind of problem in one run: a missing split file, a missing image, the images that cannot be decoded
+    (folder / 'val.json').rename(folder / 'val.json.away')
+    missing = folder / 'Images' / sorted(json.loads((folder / 'train.json').read_text()))[0]
+    missing.rename(missing.with_suffix('.away'))
+    assert datacheck.main(['--check', 'dogs', '--data-root', str(root), '--decode']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: dogs: 3 problems:\n') and f"missing split file {folder / 'val.json'}" in err
+    assert f"train: 1 of 6 image files are missing, e.g.\n    {missing}" in err and "1 of 8 images cannot be " in err
+    assert str(garbage) in err and err.count('Expected layout:') == 1 and 'Traceback' not in err
+    (folder / 'val.json.away').rename(folder / 'val.json')
+    missing.with_suffix('.away').rename(missing)
     for p in (truncated, garbage):
         write_jpeg(p, (20, 20), seed=3)
     assert datacheck.main(['--check', 'dogs', '--data-root', str(root), '--decode']) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == 'ok: dogs: 3 splits, 12 listed images, every one decoded'
 
 
 def test_error_unknown_split(root):
@@ -477,9 +494,10 @@ def test_check_cli(cli_runs, monkeypatch):
     out, err = runs['ok'].communicate(timeout=120)
     assert runs['ok'].returncode == 0, err
     lines = [line.split() for line in out.splitlines()]
-    assert [line[:3] for line in lines] == [['train', '6', '3'], ['val', '3', '2'], ['test', '3', '3']]
+    assert [line[:3] for line in lines[:-1]] == [['train', '6', '3'], ['val', '3', '2'], ['test', '3', '3']]
+    assert out.splitlines()[-1] == 'ok: dogs: 3 splits, 12 listed images, every one found'
     monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')
-    assert [line[3] for line in lines] == [r[3] for r in datacheck.check('dogs', root)]
+    assert [line[3] for line in lines[:-1]] == [r[3] for r in datacheck.check('dogs', root)]
     out, err = runs['missing'].communicate(timeout=120)
     assert runs['missing'].returncode == 1 and out == ''
     assert err.startswith('error: ') and 'vtab-1k/sun397' in err and 'train800.txt' in err and 'Traceback' not in err
@@ -599,7 +617,8 @@ def test_imagefolder_reads_classes_from_train(tmp_path):
     assert ds[0][0].shape == (3, 16, 16)
     train = data.build_dataset('imagefolder', 'train', root, img_size=16, train=True)
     assert isinstance(train.transform.transforms[1], type(data.build_transform('cub', True).transforms[1]))  # FGVC's
-    assert maps.class_names(ds) == ['cat', 'dog', 'emu'] and data.split_names('imagefolder', 'test') == ('train', 'test')
+    assert maps.class_names(ds) == ['cat', 'dog', 'emu']
+    assert data.split_names('imagefolder', 'test') == ('train', 'test')
     assert [r[:3] for r in datacheck.check('imagefolder', root)] == [('train', 9, 3), ('val', 8, 3), ('test', 9, 3)]
 
 

@@ -8,6 +8,7 @@ Run: python -m pytest -q test_sweep.py
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import methods
+import runs
 import sweep
 from test_data import make_vtab
 
@@ -42,11 +44,6 @@ def finish(proc, timeout=600):
 def sweeps(tmp_path_factory):
     """The independent sweeps, started together: name -> (out dir, Popen)."""
     root = tmp_path_factory.mktemp('sweeps')
-    vtab = tmp_path_factory.mktemp('data')
-    make_vtab(vtab, 'eurosat', {'train800': 8, 'val200': 4, 'train800val200': 12, 'test': 4})
-    (vtab / 'vtab-1k' / 'eurosat' / 'test.txt').unlink()  # phase 1 must not need the test files
-    for f in (vtab / 'vtab-1k' / 'eurosat' / 'images' / 'test').iterdir():
-        f.unlink()
     runs = {
         'e2e': TINY + GRID + ['--jobs', '2'] + FIXED,
         'failing': TINY + ['--data', 'digits', '--lr', '1e30,0.1', '--wd', '0', '--seeds', '0'] + FIXED,  # diverges
@@ -54,8 +51,6 @@ def sweeps(tmp_path_factory):
                             'submitit-local'] + FIXED,
         'linear': ['--method', 'linear'] + TINY[2:-2] + ['--data', 'digits', '--lr', '0.5,0.1', '--wd', '0,0.001',
                                                        '--seeds', '0'] + FIXED,
-        'vtab': TINY + ['--data', 'vtab-eurosat', '--data-root', str(vtab), '--lr', '0.1', '--wd', '0', '--seeds',
-                        '0'] + FIXED,
     }
     procs = {name: (root / name, start(args[:-len(FIXED)] + ['--out', str(root / name)] + FIXED))
              for name, args in runs.items()}
@@ -217,20 +212,116 @@ def test_failing_cell_is_isolated_and_named(sweeps):
     rc, stdout, stderr = finish(proc)
     assert rc == 1
     log = out / 'digits' / 'val' / 'lr1e+30_wd0_p4' / 'train.log'
-    assert 'non-finite loss' in log.read_text()
-    assert f"error: digits lr1e+30_wd0_p4 failed; see {log}" in stderr
+    (line,) = [ln[len('error: '):] for ln in log.read_text().splitlines() if ln.startswith('error: ')]
+    assert line.startswith('non-finite loss nan at epoch 1')
+    # the cell's own error line, in the progress line and at the end
+    assert f"digits lr1e+30_wd0_p4: FAILED (exit status 1: {line}), log {log}" in stdout
+    assert f"error: digits lr1e+30_wd0_p4 failed ({line}); see {log}" in stderr
     assert read(out / 'digits' / 'val' / 'lr0.1_wd0_p4' / 'result.json')['eval_split'] == 'val'  # the other ran
     (row,) = read(out / 'results.json')['rows']
     assert row['mean'] is None and '1 of 2 cells done, 1 failed' in row['status'] and str(log) in row['status']
     assert not (out / 'digits' / 'test').exists()  # phase 2 waits for a complete phase 1
 
 
-def test_phase1_without_test_files(sweeps):
-    out, proc = sweeps['vtab']
-    rc, stdout, stderr = finish(proc)
-    assert rc == 1  # phase 2 cannot run without test.txt ...
-    assert read(out / 'vtab-eurosat' / 'val' / 'lr0.1_wd0_p4' / 'result.json')['eval_split'] == 'val'  # ... phase 1 did
-    assert 'test.txt' in (out / 'vtab-eurosat' / 'test' / 'seed0' / 'train.log').read_text()
+def test_the_data_is_checked_before_any_cell(tmp_path):
+    """A missing split that phase 2 needs (here VTAB's test.txt), or a wrong --data-root, is one error line before
+    any cell starts, and nothing is written."""
+    make_vtab(tmp_path / 'data', 'eurosat', {'train800': 8, 'val200': 4, 'train800val200': 12, 'test': 4})
+    (tmp_path / 'data' / 'vtab-1k' / 'eurosat' / 'test.txt').unlink()
+    common = TINY + ['--data', 'vtab-eurosat', '--lr', '0.1', '--wd', '0', '--seeds', '0']
+    procs = [start(common + ['--data-root', str(tmp_path / root), '--out', str(tmp_path / out)] + FIXED)
+             for root, out in (('data', 'no-test'), ('nowhere', 'no-root'))]
+    (rc, _, err), (rc2, _, err2) = (finish(p) for p in procs)
+    assert rc == rc2 == 1 and 'Traceback' not in err + err2
+    assert err.startswith(f"error: vtab-eurosat: missing split file "
+                          f"{tmp_path / 'data' / 'vtab-1k' / 'eurosat' / 'test.txt'}\n"), err
+    assert err2.startswith("error: dataset folder for 'vtab-eurosat' not found"), err2
+    assert not (tmp_path / 'no-test').exists() and not (tmp_path / 'no-root').exists()
+    import torch  # and the weights: resolved and checked once, here a supervised ViT's file given as MAE's
+    import models
+    torch.save(models.create_backbone('vit_nano_patch8', img_size=16).state_dict(), tmp_path / 'w.pth')
+    with pytest.raises(sweep.SweepError, match=r"^--pretrain mae does not fit .*w\.pth \(timm state dict; its "
+                                               r"pos_embed is learned"):
+        sweep.main([a if a != 'none' else 'mae' for a in TINY] + ['--weights', str(tmp_path / 'w.pth'), '--data',
+                   'digits', '--lr', '0.1', '--wd', '0', '--seeds', '0', '--out', str(tmp_path / 'w')] + FIXED)
+    assert not (tmp_path / 'w').exists()
+
+
+def test_a_train_py_flag_before_the_dashes_says_where_it_goes(capsys):
+    with pytest.raises(SystemExit):
+        sweep.parse_args(['--method', 'vpt', '--data', 'cub', '--epochs', '2'])
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: --epochs is a flag of train.py: give it after "
+                                                             "--, e.g. `python sweep.py ... -- --epochs 2`")
+
+
+def test_the_papers_number_only_beside_vit_b16_at_224(e2e, tmp_path):
+    """The papers' numbers are ViT-B/16's at 224 px: a sweep of another arch or size shows none, and no delta."""
+    import shutil
+    out = tmp_path / 'cub'
+    shutil.copytree(e2e[0] / 'digits', out / 'cub')  # the e2e sweep's cells, as if they were cub's
+    spec = dict(read(e2e[0] / 'sweep.json'), data=['cub'], pretrain='in21k')
+    paper = dict(zip(sweep.PAPER_KEYS, methods.METHODS['vpt'].papers['in21k'][1]))['cub']
+    for arch, img_size, shown in (('vit_nano_patch8', 16, None), ('vit_base_patch16_224', 112, None),
+                                  ('vit_base_patch16_224', 224, paper)):
+        (out / 'sweep.json').write_text(json.dumps(dict(spec, arch=arch, img_size=img_size)))
+        (row,) = sweep.report(str(out))['rows']
+        assert row['paper'] == shown and (row['delta'] is None) == (shown is None)
+        note = f"(none: the papers' numbers are ViT-B/16 at 224 px, this is {arch} at {img_size} px)"
+        assert (note in (out / 'results.md').read_text()) == (shown is None)
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie, reaped by nobody in a container, does not)."""
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def processes_with(text):
+    """The live processes whose command line contains `text`."""
+    found = []
+    for d in Path('/proc').glob('[0-9]*'):
+        try:
+            if text in (d / 'cmdline').read_bytes().decode(errors='replace') and alive(int(d.name)):
+                found.append(int(d.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='prctl(PR_SET_PDEATHSIG) and /proc are Linux')
+def test_signals_stop_the_cells_and_no_cell_outlives_its_sweep(tmp_path):
+    """SIGINT, SIGTERM and SIGHUP to sweep.py stop its running cell as Ctrl-C does (the cell's log ends with
+    train.py's interrupted line) and leave no process behind; the cell of a SIGKILLed sweep ends alike. A second
+    sweep on a running sweep's directory is refused, naming the pid that holds it."""
+    endless = ['--', '--epochs', '1000', '--max-steps-per-epoch', '2', '--batch-size', '16', '--eval-every', '1000',
+               '--workers', '0', '--log-interval', '1']
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL)
+    args = {s: TINY + ['--data', 'digits', '--lr', '0.1', '--wd', '0', '--seeds', '0', '--out', str(tmp_path / s.name)]
+            for s in sigs}
+    procs = {s: start(args[s] + endless) for s in sigs}
+    logs = {s: tmp_path / s.name / 'digits' / 'val' / 'lr0.1_wd0_p4' / 'train.log' for s in sigs}
+    deadline = time.time() + 300
+    while not all(log.exists() and 'epoch 2/1000 step' in log.read_text() for log in logs.values()):  # 1 checkpoint
+        assert time.time() < deadline and all(p.poll() is None for p in procs.values())
+        time.sleep(0.2)
+    cells = {s: int((log.parent / '.lock').read_text()) for s, log in logs.items()}
+    with pytest.raises(runs.RunError, match=f"{tmp_path / 'SIGINT'} is in use by process {procs[signal.SIGINT].pid}"):
+        sweep.main(args[signal.SIGINT] + endless)
+    for s, p in procs.items():
+        p.send_signal(s)
+    for s, p in procs.items():
+        rc, _, err = finish(p, timeout=120)
+        if s != signal.SIGKILL:
+            assert rc == 130 and err.startswith('error: interrupted; rerun the same command'), (s, err)
+    deadline = time.time() + 60  # the SIGKILLed sweep's cell: SIGTERM from the kernel, then the same line
+    while any(alive(pid) for pid in cells.values()) and time.time() < deadline:
+        time.sleep(0.1)
+    for s, log in logs.items():
+        assert re.search(r'^error: interrupted during epoch \d+; the last checkpoint is after epoch \d+',
+                         log.read_text(), re.M), (s, log.read_text()[-500:])
+    assert processes_with(str(tmp_path)) == []
 
 
 def test_submitit_local_launcher(sweeps):

@@ -4,8 +4,8 @@ digits set at 16 px, a few steps per run.
 Run: python -m pytest -q test_train.py     (33 tests, about 80 s on a shared 2-core CPU)
 
 Most runs call train.main([...]) in-process with one torch thread (with 2 threads on a 2-core CPU whose other
-core is busy, these tiny models ran up to ~30x slower). The torchrun and CLI runs are subprocesses started at the beginning of the module
-so that their start-up overlaps with the in-process tests.
+core is busy, these tiny models ran up to ~30x slower). The torchrun and CLI runs are subprocesses started at the
+beginning of the module so that their start-up overlaps with the in-process tests.
 
 Why 16 px: the random backbone's frozen features are weak at 32 px (a logistic-regression probe on its cls
 features reaches 35-50% on digits val200), but good at 16 px (a 2x2 patch grid: 82-84%), so the
@@ -65,6 +65,33 @@ def free_port():
         return s.getsockname()[1]
 
 
+def resume_args(method, out, ddp=False):
+    """[uninterrupted run in out/a, the same stopped after epoch 1 in out/b, its resume]: 3 epochs of 2 steps at
+    --workers 2 with the method's own dropout (so the global RNG stream matters), evaluated after every epoch. SA²VP
+    under DDP on vit_tiny at 32 px: its deep prompt maps sit at blocks 4 and 8, so on vit_nano's 2 blocks they are
+    empty parameters, which get no gradient, and DDP refuses a parameter without one."""
+    args = TINY[:-4] + ['--workers', '2', '--log-interval', '0', '--method', method, '--epochs', '3',
+                        '--max-steps-per-epoch', '2', '--batch-size', '16', '--warmup-epochs', '0']
+    args += ['--arch', 'vit_tiny_patch16_224', '--img-size', '32'] if ddp and method == 'sa2vp' else []
+    args += [a for a in SHORT_RUN.get(method, []) if a != '--no-sa2vp-dropout']
+    args += ['--prompts', '4'] if method in methods.PROMPTED else []
+    return [args + ['--out', str(out / 'a')], args + ['--out', str(out / 'b'), '--stop-after-epoch', '1'],
+            ['--resume', '--out', str(out / 'b')]]
+
+
+def assert_same_run(a, b):
+    """Two run directories hold bit-identical results: tuned tensors, optimizer state, step, metrics, accuracy."""
+    ca, cb = (torch.load(d / 'last.pt', weights_only=True) for d in (a, b))
+    assert set(ca['model']) == set(cb['model']) and ca['step'] == cb['step']
+    assert all(torch.equal(ca['model'][k], cb['model'][k]) for k in ca['model']), b
+    flat = lambda state: [v for s in state['state'].values() for v in s.values() if torch.is_tensor(v)]  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(flat(ca['optimizer']), flat(cb['optimizer'])))
+    strip = lambda rows: [{k: r[k] for k in ('epoch', 'train_loss', 'accuracy', 'lr')} for r in rows]  # noqa: E731
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    assert json.loads((a / 'result.json').read_text())['accuracy'] == json.loads((b / 'result.json').read_text())[
+        'accuracy']
+
+
 def ddp_args(out, accum):
     """One optimizer step of VPT with a global batch of 32, no warmup (so lr > 0), no prompt dropout."""
     return TINY + ['--method', 'vpt', '--prompts', '4', '--prompt-dropout', '0', '--batch-size', '32', '--epochs', '1',
@@ -90,9 +117,20 @@ def subprocesses(tmp_path_factory):
     def start(cmd):
         return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    # under torchrun: train.main on each argument list in turn, each on a store of its own (torch numbers a new
+    # process group as the destroyed one, so a second group on torchrun's store would read the first one's keys)
+    driver = root / ('runs_in_one_process' + '.py')
+    driver.write_text(f"import json, os, sys\nsys.path.insert(0, {str(HERE)!r})\nimport train\n"
+                      f"for i, argv in enumerate(json.loads(sys.argv[2])):\n"
+                      f"    os.environ.update(MASTER_PORT=str(int(sys.argv[1]) + i),\n"
+                      f"                      TORCHELASTIC_USE_AGENT_STORE='0')\n"
+                      f"    train.main(argv)\n")
+    resumes = [a for m in methods.METHODS for a in resume_args(m, root / 'ddp-resume' / m, ddp=True)]
     procs = {
         'ddp': start([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port',
                       str(free_port()), 'train.py', *ddp_args(root / 'ddp', accum=2)]),
+        'ddp-resume': start([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port',
+                             str(free_port()), str(driver), str(free_port()), json.dumps(resumes)]),
         'help': start([sys.executable, 'train.py', '--help']),
         'error': start([sys.executable, 'train.py', *TINY, '--method', 'vpt', '--resume', '--out', str(root / 'none')]),
     }
@@ -316,25 +354,26 @@ def test_full_and_vpt_reach_accuracy(trained):
 # resume, errors
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    # VPT-deep with prompt dropout 0.1 and a shuffled loader: dropout masks and data order must both be restored
-    args = TINY + ['--method', 'vpt', '--prompts', '4', '--prompt-dropout', '0.1', '--epochs', '3',
-                   '--max-steps-per-epoch', '6', '--batch-size', '16', '--warmup-epochs', '1']
-    a, b = tmp_path / 'a', tmp_path / 'b'
-    result_a = train.main(args + ['--out', str(a)])
-    assert train.main(args + ['--out', str(b), '--stop-after-epoch', '2']) is None  # as if killed after epoch 2
-    assert not (b / 'result.json').exists()
-    assert torch.load(b / 'last.pt', weights_only=True)['epoch'] == 2
-    result_b = train.main(args + ['--out', str(b), '--resume'])
-    assert result_b['accuracy'] == result_a['accuracy']
-    strip = lambda rows: [{k: r[k] for k in ('epoch', 'train_loss', 'accuracy', 'lr')} for r in rows]  # noqa: E731
-    assert strip(read_metrics(b)) == strip(read_metrics(a))
-    ca, cb = (torch.load(d / 'last.pt', weights_only=True) for d in (a, b))
-    assert set(ca['model']) == set(cb['model'])
-    assert all(torch.equal(ca['model'][k], cb['model'][k]) for k in ca['model'])
-    sa, sb = ca['optimizer']['state'], cb['optimizer']['state']
-    assert all(torch.equal(sa[i]['momentum_buffer'], sb[i]['momentum_buffer']) for i in sa)
-    assert ca['step'] == cb['step'] == 18
+@pytest.mark.parametrize('method', list(methods.METHODS))
+def test_resume_is_bit_exact_at_workers_2(tmp_path, method):
+    """Stopped after epoch 1 and resumed in a new loader (as a new process would): the eval loader's persistent
+    workers start again, and must not draw from the global RNG (dropout masks, train workers' seeds) to do so."""
+    first, stopped, resumed = resume_args(method, tmp_path)
+    train.main(first)
+    assert train.main(stopped) is None and not (tmp_path / 'b' / 'result.json').exists()
+    assert torch.load(tmp_path / 'b' / 'last.pt', weights_only=True)['epoch'] == 1
+    train.main(resumed)
+    assert_same_run(tmp_path / 'a', tmp_path / 'b')
+
+
+def test_ddp_resume_is_bit_exact_for_every_method(subprocesses):
+    """The same under torchrun (2 processes, gloo): every method, --workers 2, one torchrun for all the runs."""
+    code, out, err = finish(subprocesses['ddp-resume'], timeout=600)
+    assert code == 0, err[-3000:]
+    for method in methods.METHODS:
+        run = subprocesses['root'] / 'ddp-resume' / method
+        assert torch.load(run / 'a' / 'last.pt', weights_only=True)['args']['world_size'] == 2
+        assert_same_run(run / 'a', run / 'b')
 
 
 def test_resume_refuses_other_method_or_backbone(tmp_path):
@@ -402,7 +441,7 @@ def test_ddp_and_accumulation_match_one_process(subprocesses, tmp_path):
     # 2 processes x 2 micro-batches x 8 covers exactly perm[:32], the first batch of one process: the same
     # samples, hence the same mean-loss gradient and the same update.
     ref = train.main(ddp_args(tmp_path / 'ref', accum=1))
-    acc2 = train.main(ddp_args(tmp_path / 'acc2', accum=2))
+    train.main(ddp_args(tmp_path / 'acc2', accum=2))
     code, out, err = finish(subprocesses['ddp'])
     assert code == 0, err[-3000:]
     ddp_dir = subprocesses['root'] / 'ddp'
@@ -497,8 +536,8 @@ def test_default_out_distinguishes_every_result_changing_flag():
     base = ['--method', 'vpt', '--data', 'cub']
     variants = [[], ['--eval-split', 'test'], ['--lr', '0.1'], ['--arch', 'vit_small_patch16_224'],
                 ['--pretrain', 'mae'], ['--seed', '1'], ['--prompts', '10'], ['--depth', 'shallow'],
-                ['--epochs', '5'], ['--batch-size', '32'], ['--wd', '0'], ['--warmup-epochs', '2'], ['--img-size', '112'],
-                ['--eval-split', 'test', '--lr', '0.1'], ['--lr', '0.1', '--wd', '0']]
+                ['--epochs', '5'], ['--batch-size', '32'], ['--wd', '0'], ['--warmup-epochs', '2'],
+                ['--img-size', '112'], ['--eval-split', 'test', '--lr', '0.1'], ['--lr', '0.1', '--wd', '0']]
     outs = [train.parse_args(base + v)[0]['out'] for v in variants]
     assert len(set(outs)) == len(outs), outs
     assert outs[0] == os.path.join('runs', 'vpt-cub-in21k-base_patch16-val-seed0')
@@ -539,7 +578,8 @@ def write_vtab_dtd(root, n=8, label=lambda i: i % 47):
 
 def test_every_anticipated_failure_is_one_error_line(tmp_path, monkeypatch, capsys):
     run = ['--method', 'linear', '--arch', 'vit_nano_patch8', '--pretrain', 'none', '--img-size', '16',
-           '--epochs', '1', '--warmup-epochs', '0', '--batch-size', '4', '--log-interval', '0', '--out', tmp_path / 'run']
+           '--epochs', '1', '--warmup-epochs', '0', '--batch-size', '4', '--log-interval', '0',
+           '--out', tmp_path / 'run']
     vtab = run + ['--data', 'vtab-dtd', '--data-root', tmp_path / 'data', '--workers', '0']
     # the data: a missing root, a missing split file, a bad label, a missing / unreadable image in a loader worker
     code, err = cli_error(monkeypatch, capsys, train.main, vtab)
@@ -554,6 +594,10 @@ def test_every_anticipated_failure_is_one_error_line(tmp_path, monkeypatch, caps
     assert err == f"error: --data vtab-dtd: {folder / 'train800.txt'}:4: label 99 out of range 0..46 (vtab-dtd has " \
                   f"47 classes)\n"
     folder = write_vtab_dtd(tmp_path / 'data')
+    cifar = [a if a != 'vtab-dtd' else 'vtab-cifar' for a in vtab[:-4]] + ['--data-root', folder, '--workers', '0']
+    _, err = cli_error(monkeypatch, capsys, train.main, cifar)  # the dtd task folder given for vtab-cifar
+    assert err == f"error: --data vtab-cifar: {folder} is the folder of vtab-dtd, not of vtab-cifar: pass --data " \
+                  f"vtab-dtd, or --data-root the folder that holds vtab-cifar's\n"
     workers = [a if a != '0' or vtab[i - 1] != '--workers' else '2' for i, a in enumerate(vtab)]
     (folder / 'images' / 'train800' / '000005.jpg').unlink()
     _, err = cli_error(monkeypatch, capsys, train.main, workers)
@@ -573,9 +617,18 @@ def test_every_anticipated_failure_is_one_error_line(tmp_path, monkeypatch, caps
                            (['--epochs', '0'], 'error: --epochs 0 must be at least 1\n'),
                            (['--device', 'gpu'], "error: --device 'gpu': expected auto, cpu, cuda or cuda:N\n"),
                            (['--weights', tmp_path / 'w.pth'], 'error: --pretrain none means a random backbone, but '
-                                                               'a weights file was given')]:
+                                                               'a weights file was given'),
+                           (['--pretrain', 'mae', '--weights', weights_files(tmp_path)[1]],  # a learned pos_embed
+                            f"error: --pretrain mae does not fit {tmp_path / 'b.pth'} (timm state dict; its pos_embed "
+                            f"is learned, as a supervised ViT's is); pass --pretrain in21k or in21k-augreg\n")]:
         _, err = cli_error(monkeypatch, capsys, train.main, digits + extra)
         assert err.startswith(message), err
+    # timm's habit `--resume PATH`: what to type instead (argparse's status 2, its usage line, then ours)
+    monkeypatch.setattr(sys, 'argv', ['train.py', '--resume', 'runs/x/last.pt'])
+    with pytest.raises(SystemExit) as info:
+        runs.cli(train.main)
+    assert info.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == \
+        "train.py: error: --resume takes no path: continue the run in runs/x with `--resume --out runs/x`"
     # eval.py: not a run directory
     code, err = cli_error(monkeypatch, capsys, eval_py.main, ['--run', tmp_path / 'nowhere'])
     assert code == 1 and err == f"error: {tmp_path / 'nowhere'} holds no last.pt: not a train.py run directory " \
@@ -707,6 +760,30 @@ def test_linear_grid_refusals(tmp_path):
         train.main(LINEAR_GRID + ['--lr', '0.1', '--wd', '0,0.01', '--epochs', '1', '--out', str(tmp_path / 'g')])
 
 
+def test_one_process_per_run_directory(tmp_path):
+    """A run directory held by a live process (its pid in <out>/.lock, as runs.lock writes it) is refused with one
+    line naming that pid, for a run and for a grid's cell; once the holder is SIGKILLed, the same command runs."""
+    args = TINY + ['--method', 'linear', '--epochs', '1', '--max-steps-per-epoch', '1', '--batch-size', '16']
+    cell = tmp_path / 'grid' / 'lr0.1_wd0'
+    for d in (tmp_path / 'run', cell):
+        d.mkdir(parents=True)
+    hold = ("import fcntl, os, sys, time\nfiles = [open(os.path.join(d, '.lock'), 'a+') for d in sys.argv[1:]]\n"
+            "for f in files:\n    fcntl.lockf(f, fcntl.LOCK_EX)\n    f.write(f'{os.getpid()}\\n')\n    f.flush()\n"
+            "print('held', flush=True)\ntime.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, '-c', hold, str(tmp_path / 'run'), str(cell)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == 'held\n'
+        for out, lr in ((tmp_path / 'run', '0.1'), (tmp_path / 'grid', '0.1,0.2')):
+            with pytest.raises(RunError, match=f"^{out if lr == '0.1' else cell} is in use by process {holder.pid}"):
+                train.main(args + ['--lr', lr, '--out', str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main(args + ['--lr', '0.1', '--out', str(tmp_path / 'run')])['epochs'] == 1
+    assert len(train.main(args + ['--lr', '0.1,0.2', '--out', str(tmp_path / 'grid')])) == 2
+
+
 def test_linear_grid_with_augmentation_equals_separate_runs(tmp_path, monkeypatch):
     """FGVC (random crop and flip): features recomputed per batch, shared by the heads; still the separate runs'."""
     from test_data import make_fgvc
@@ -723,6 +800,28 @@ def test_linear_grid_with_augmentation_equals_separate_runs(tmp_path, monkeypatc
         b = torch.load(tmp_path / f'own{lr}' / 'last.pt', weights_only=True)['model']
         for k in b:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_a_partial_run_resumes_and_evaluates_in_a_fresh_shell(tmp_path, monkeypatch):
+    """VPT_ALLOW_PARTIAL=1 is recorded with the run: --resume and eval.py work without it in the environment."""
+    from test_data import make_fgvc
+    make_fgvc(tmp_path / 'data', 'dogs')  # 3 of Stanford Dogs' 120 classes
+    args = [a if a != 'digits' else 'dogs' for a in LINEAR_GRID] + ['--data-root', str(tmp_path / 'data'),
+                                                                   '--batch-size', '2', '--out', str(tmp_path / 'run')]
+    with pytest.raises(RunError, match='has 3 classes but dogs has 120: wrong or partial split files'):
+        train.main(args)
+    monkeypatch.setenv('VPT_ALLOW_PARTIAL', '1')
+    assert train.main(args + ['--overwrite', '--stop-after-epoch', '1']) is None
+    monkeypatch.delenv('VPT_ALLOW_PARTIAL')  # a fresh shell
+    result = train.main(['--resume', '--out', str(tmp_path / 'run')])
+    assert result['config']['allow_partial'] and result['config']['num_classes'] == 3
+    assert eval_py.main(['--run', str(tmp_path / 'run'), '--workers', '0']) == result['accuracy']
+
+
+def test_workers_default_avoids_torchs_warning():
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    assert train.parse_args(['--method', 'vpt', '--data', 'cub'])[0]['workers'] == runs.DEFAULT_WORKERS == min(4, cpus)
+    assert f"(default: min(4, CPUs), here {min(4, cpus)})" in ' '.join(train.build_parser().format_help().split())
 
 
 def test_your_own_dataset(tmp_path, monkeypatch, capsys):

@@ -165,9 +165,10 @@ def test_load_at_other_size_resamples(tmp_path):
 def test_defaults_per_pretrain(tmp_path):
     src = timm_vit(MICRO, 32)
     torch.save({'model': src.state_dict()}, tmp_path / 'mae.pth')
+    torch.save(src.state_dict(), tmp_path / 'supervised.pth')  # a learned pos_embed: a supervised ViT's file
     mae = weights.load_backbone('vit_micro_patch8', 'mae', str(tmp_path / 'mae.pth'), img_size=32)
     assert mae.readout == 'mean' and mae.mean == (0.485, 0.456, 0.406)
-    sup = weights.load_backbone('vit_micro_patch8', 'in21k', str(tmp_path / 'mae.pth'), img_size=32)
+    sup = weights.load_backbone('vit_micro_patch8', 'in21k', str(tmp_path / 'supervised.pth'), img_size=32)
     assert sup.readout == 'cls' and sup.mean == (0.5, 0.5, 0.5) and sup.std == (0.5, 0.5, 0.5)
     none = models.create_backbone('vit_micro_patch8', img_size=32)
     assert none.identity == 'random' and none.readout == 'cls'
@@ -192,6 +193,50 @@ def test_mocov3_vit_small_has_12_heads(tmp_path):
     assert models.create_backbone('vit_small_patch16_224', img_size=64).blocks[0].attn.num_heads == 6
 
 
+def sincos_pos_embed(D, grid, moco=False):
+    """(1, 1 + grid², D): a zero cls row, then the fixed 2-D sin-cos table, written here from the formulas of MAE
+    (facebookresearch/mae util/pos_embed.py, get_2d_sincos_pos_embed: [sin, cos] of one coordinate, then of the other,
+    omega = 1 / 10000^(i / (D/4))) and MoCo v3 (facebookresearch/moco-v3 vits.py, build_2d_sincos_position_embedding:
+    the same four blocks, the column coordinate first)."""
+    omega = 1.0 / 10000 ** (np.arange(D // 4) / (D / 4))
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing='ij')
+    one = lambda pos: np.concatenate([np.sin(np.outer(pos.ravel(), omega)), np.cos(np.outer(pos.ravel(), omega))], 1)  # noqa: E731
+    table = np.concatenate([one(cols), one(rows)] if moco else [one(rows), one(cols)], 1)
+    return torch.tensor(np.concatenate([np.zeros((1, D)), table]), dtype=torch.float32)[None]
+
+
+def test_a_file_that_contradicts_pretrain_is_refused(tmp_path):
+    """The format and the pos_embed tell what a file was trained as (README, 'Weights'): an MAE file as in21k, a
+    supervised file as mae, an MAE file as mocov3 are one error line naming the --pretrain the file fits."""
+    src = timm_vit(MICRO, 32, perturb=True)
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith('head.')}
+    sincos = dict(sd, pos_embed=sincos_pos_embed(64, 4))
+    moco = dict(sd, pos_embed=sincos_pos_embed(64, 4, moco=True))
+    assert weights.sincos_pos_embed(sincos['pos_embed']) and weights.sincos_pos_embed(moco['pos_embed'])
+    assert not weights.sincos_pos_embed(sd['pos_embed'])
+    torch.save({'model': sincos}, tmp_path / 'mae_pretrain.pth')
+    torch.save(sincos, tmp_path / 'timm_mae.pth')                      # e.g. the hub's vit_base_patch16_224.mae
+    torch.save({'state_dict': {f'module.base_encoder.{k}': v for k, v in moco.items()}}, tmp_path / 'moco.pth.tar')
+    torch.save(sd, tmp_path / 'supervised.pth')                         # learned pos_embed
+    write_npz(src, tmp_path / 'ViT-B_16.npz')
+    refused = [('mae_pretrain.pth', 'in21k', r"\(MAE checkpoint \{'model': encoder\}\); pass --pretrain mae$"),
+               ('mae_pretrain.pth', 'mocov3', r"\(MAE checkpoint .*\); pass --pretrain mae$"),
+               ('moco.pth.tar', 'mae', r"\(MoCo v3 pre-training checkpoint .*\); pass --pretrain mocov3$"),
+               ('timm_mae.pth', 'in21k', r"\(timm state dict; its pos_embed is a fixed 2-D sin-cos table, as MAE's "
+                                         r"and MoCo v3's are\); pass --pretrain mae or mocov3$"),
+               ('supervised.pth', 'mae', r"\(timm state dict; its pos_embed is learned, as a supervised ViT's is\); "
+                                         r"pass --pretrain in21k or in21k-augreg$"),
+               ('ViT-B_16.npz', 'mocov3', r"\(Google ViT \.npz\); pass --pretrain in21k or in21k-augreg$")]
+    for name, pretrain, message in refused:
+        with pytest.raises(weights.CheckpointError, match=f"^--pretrain {pretrain} does not fit .*{name} " + message):
+            load(tmp_path / name, pretrain)
+    accepted = [('mae_pretrain.pth', 'mae'), ('timm_mae.pth', 'mae'), ('timm_mae.pth', 'mocov3'),
+                ('moco.pth.tar', 'mocov3'), ('supervised.pth', 'in21k'), ('supervised.pth', 'in21k-augreg'),
+                ('ViT-B_16.npz', 'in21k')]
+    for name, pretrain in accepted:
+        assert load(tmp_path / name, pretrain).pretrain == pretrain
+
+
 # -----------------------------------------------------------------------------
 # bad input: a clear error, never a random model
 
@@ -214,20 +259,29 @@ def test_missing_block(tmp_path, good_sd):
 def test_renamed_key(tmp_path, good_sd):
     good_sd['blocks.0.attn.qkv_renamed.weight'] = good_sd.pop('blocks.0.attn.qkv.weight')
     torch.save({'model': good_sd}, tmp_path / 'mae.pth')
-    with pytest.raises(weights.CheckpointError,
-                       match=r"(?s)MAE.*missing keys: blocks\.0\.attn\.qkv\.weight.*unexpected keys: blocks\.0\.attn\.qkv_renamed"):
+    with pytest.raises(weights.CheckpointError, match=r"(?s)MAE.*missing keys: blocks\.0\.attn\.qkv\.weight.*"
+                                                      r"unexpected keys: blocks\.0\.attn\.qkv_renamed"):
         load(tmp_path / 'mae.pth', 'mae')
 
 
 def test_wrong_shape_and_wrong_arch(tmp_path, good_sd):
     good_sd['blocks.1.mlp.fc1.weight'] = torch.zeros(100, 64)
     torch.save(good_sd, tmp_path / 'w.pth')
-    with pytest.raises(weights.CheckpointError, match=r"shape mismatches: blocks\.1\.mlp\.fc1\.weight \(100, 64\) vs model \(256, 64\)"):
+    with pytest.raises(weights.CheckpointError, match=r"shape mismatches: blocks\.1\.mlp\.fc1\.weight \(100, 64\) "
+                                                      r"vs model \(256, 64\)"):
         load(tmp_path / 'w.pth')
     nano = timm_vit(models.ARCHS['vit_nano_patch8'], 32).state_dict()
-    torch.save(nano, tmp_path / 'nano.pth')
-    with pytest.raises(weights.CheckpointError, match=r"(?s)missing keys: blocks\.2.*check --arch"):
+    torch.save(nano, tmp_path / 'nano.pth')  # the file names the arch it fits
+    with pytest.raises(weights.CheckpointError, match=r"^--arch vit_micro_patch8 does not fit .*nano\.pth \(timm state "
+                                                      r"dict\): it holds a ViT of embed dim 32, depth 2, patch 8; pass "
+                                                      r"--arch vit_nano_patch8$"):
         load(tmp_path / 'nano.pth')
+    del nano['blocks.1.norm1.weight']  # dims that no arch has: the keys tell what is wrong
+    nano.update({k.replace('blocks.1.', 'blocks.2.'): v for k, v in nano.items() if k.startswith('blocks.1.')})
+    torch.save(nano, tmp_path / 'nano3.pth')
+    with pytest.raises(weights.CheckpointError, match=r"(?s)missing keys: blocks\.1\.norm1\.weight, blocks\.2.*check "
+                                                      r"--arch"):
+        load(tmp_path / 'nano3.pth')
 
 
 def test_unknown_extra_key_is_an_error(tmp_path, good_sd):
@@ -367,7 +421,8 @@ def test_hub_weights_from_cache(tmp_path):
     (snap / 'refs').mkdir()
     (snap / 'refs' / 'main').write_text(rev)
     from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(snap / 'snapshots' / rev / 'model.safetensors'))
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()},
+              str(snap / 'snapshots' / rev / 'model.safetensors'))
     x = torch.randn(1, 3, 224, 224)
     torch.save(x, tmp_path / 'x.pt')
     code = ("import torch, weights\n"

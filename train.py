@@ -35,8 +35,8 @@ from runs import RunError
 # configuration: the flags; the method's recipe and these defaults fill in what is not given
 MOMENTUM = 0.9  # SGD momentum in every SGD recipe
 DEFAULTS = dict(arch='vit_base_patch16_224', pretrain='in21k', eval_split='val', img_size=224, momentum=MOMENTUM,
-                seed=0, device='auto', amp='auto', accum=1, workers=4, log_interval=20, compile=False,
-                grad_checkpointing=False, decoded_cache=False, resume=False, overwrite=False)
+                seed=0, device='auto', amp='auto', accum=1, workers=runs.DEFAULT_WORKERS, log_interval=20,
+                compile=False, grad_checkpointing=False, decoded_cache=False, resume=False, overwrite=False)
 # flags that change the result: spelled out in the default --out when given (and every method option)
 NAMED_FLAGS = ('img_size', 'mean', 'std', 'epochs', 'batch_size', 'lr', 'wd', 'wd_head', 'optimizer', 'momentum',
                'warmup_epochs', 'min_lr', 'max_steps_per_epoch', 'vtab_source', 'pipeline')
@@ -106,7 +106,8 @@ def build_parser():
     g.add_argument('--compile', **on, help="torch.compile the training step")
     g.add_argument('--grad-checkpointing', **on, help="recompute the blocks in backward: less memory, same gradients")
     g.add_argument('--accum', type=int, help="micro-batches per optimizer step (default: 1)")
-    g.add_argument('--workers', type=int, help="data loader workers per process (default: 4)")
+    g.add_argument('--workers', type=int, help="data loader workers per process (default: min(4, CPUs), here "
+                   f"{runs.DEFAULT_WORKERS})")
     g.add_argument('--decoded-cache', **on, help="decode every image once into memory (for GPUs that outrun JPEG)")
     g.add_argument('--eval-every', type=int, help="evaluate every N epochs and the last (default: 1; test: the last)")
     g.add_argument('--log-interval', type=int, help="steps between progress lines, 0 = none (default: 20)")
@@ -122,7 +123,7 @@ def parse_args(argv=None):
     """The command line -> (configuration, flags given): DEFAULTS, the method's recipe and dataset defaults, the
     backbone's normalisation, the splits, --out and --eval-every filled in, every value checked; reads no file."""
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    args = vars(runs.parse_flags(parser, argv))  # --resume PATH: what to type instead
     explicit = {k for k, v in args.items() if v is not None}
     if args['resume'] and args['overwrite']:
         parser.error("--resume and --overwrite exclude each other")
@@ -391,8 +392,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         raise runs.Interrupted(runs.interrupted(cfg['out'])) from None
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        runs.teardown()  # the run directories released, the process group destroyed
 
 
 if __name__ == '__main__':

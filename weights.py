@@ -56,7 +56,8 @@ def _npz_to_timm(npz):
         att = p + 'MultiHeadDotProductAttention_1/'
         sd[b + 'norm1.weight'] = t(npz[p + 'LayerNorm_0/scale'])
         sd[b + 'norm1.bias'] = t(npz[p + 'LayerNorm_0/bias'])
-        sd[b + 'attn.qkv.weight'] = torch.cat([t(npz[att + n + '/kernel']).flatten(1).T for n in ('query', 'key', 'value')])
+        sd[b + 'attn.qkv.weight'] = torch.cat([t(npz[att + n + '/kernel']).flatten(1).T
+                                               for n in ('query', 'key', 'value')])
         sd[b + 'attn.qkv.bias'] = torch.cat([t(npz[att + n + '/bias']).flatten() for n in ('query', 'key', 'value')])
         sd[b + 'attn.proj.weight'] = t(npz[att + 'out/kernel']).flatten(0, 1).T
         sd[b + 'attn.proj.bias'] = t(npz[att + 'out/bias'])
@@ -253,13 +254,39 @@ def tensor_digest(state_dict, n=16):
     return h.hexdigest()[:n]
 
 
-def load_backbone(arch, pretrain='none', path=None, img_size=224, drop_rate=0.0):
-    """models.create_backbone with weights: the file `path` (any format above), else the hub weights of `pretrain`
-    (timm's tag in models.PRETRAIN, from the Hugging Face cache or downloaded). pretrain='none' is a random backbone
-    and takes no file. The model also carries .identity ('tensors:<16 hex>' of the tensors as read, 'random' for
-    none), .weights_path and .weights_format."""
-    if arch not in models.ARCHS or pretrain not in models.PRETRAIN:
-        return models.create_backbone(arch, pretrain)  # its ValueError lists the valid names
+SUPERVISED = ('in21k', 'in21k-augreg')  # the --pretrain values of a supervised ViT's weights
+
+
+def sincos_pos_embed(pos_embed):
+    """Whether a (1, 1 + N, D) pos_embed is a fixed 2-D sin-cos table, as MAE's (facebookresearch/mae
+    util/pos_embed.py, get_2d_sincos_pos_embed) and MoCo v3's (facebookresearch/moco-v3 vits.py,
+    build_2d_sincos_position_embedding) are: after the cls row, four D/4-wide blocks sin(a), cos(a), sin(b), cos(b)
+    of the two grid coordinates, so that every (sin, cos) pair squares to 1. A learned table never does."""
+    pe, D = pos_embed.float().reshape(-1, pos_embed.shape[-1]), pos_embed.shape[-1]
+    blocks = pe[1:].reshape(-1, 2, 2, D // 4) if D % 4 == 0 else None  # (N, coordinate, sin|cos, D/4)
+    return blocks is not None and bool(((blocks[:, :, 0] ** 2 + blocks[:, :, 1] ** 2 - 1).abs() < 1e-3).all())
+
+
+def fits(sd, fmt):
+    """What a read weights file fits: (the --pretrain values, why, the models.ARCHS, its (embed dim, depth, patch)).
+    Google's .npz is a supervised ViT's, an MAE or MoCo v3 file its own pre-training's; a timm state dict tells by its
+    pos_embed: a fixed sin-cos table is MAE's or MoCo v3's, a learned one a supervised ViT's."""
+    pretrains, why = {'Google': SUPERVISED, 'MAE': ('mae',), 'MoCo': ('mocov3',)}.get(fmt.split()[0]), ''
+    if pretrains is None and 'pos_embed' in sd and sincos_pos_embed(sd['pos_embed']):
+        pretrains, why = ('mae', 'mocov3'), "; its pos_embed is a fixed 2-D sin-cos table, as MAE's and MoCo v3's are"
+    elif pretrains is None and 'pos_embed' in sd:
+        pretrains, why = SUPERVISED, "; its pos_embed is learned, as a supervised ViT's is"
+    w, depth = sd.get('patch_embed.proj.weight'), len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    shape = None if w is None else (w.shape[0], depth, w.shape[-1])
+    archs = [a for a, c in models.ARCHS.items() if shape == (c['embed_dim'], c['depth'], c['patch_size'])]
+    return pretrains or tuple(models.PRETRAIN), why, archs, shape
+
+
+def checked(arch, pretrain, path=None, img_size=224):
+    """(path, state dict in timm names, format) of the weights that load_backbone builds `arch` for `pretrain` with:
+    the file `path`, else the hub's copy (from the Hugging Face cache, or downloaded); (None, None, None) when there
+    are none. Every check done: a file whose format or tensors contradict --pretrain or --arch, or that does not fit
+    the model, is a CheckpointError naming what it fits. sweep.py calls this once before its cells."""
     tag = models.PRETRAIN[pretrain][0]
     if pretrain == 'none' and path is not None:
         raise CheckpointError(f"--pretrain none means a random backbone, but a weights file was given ({path}): "
@@ -271,13 +298,32 @@ def load_backbone(arch, pretrain='none', path=None, img_size=224, drop_rate=0.0)
     if path is None and tag is not None:
         path = hub_weights(arch, tag)
     if path is None:
+        return None, None, None
+    sd, fmt, leftover = read_checkpoint(path)
+    pretrains, why, archs, shape = fits(sd, fmt)
+    if archs and arch not in archs:
+        raise CheckpointError(f"--arch {arch} does not fit {path} ({fmt}): it holds a ViT of embed dim {shape[0]}, "
+                              f"depth {shape[1]}, patch {shape[2]}; pass --arch {' or '.join(archs)}")
+    if pretrain not in pretrains:
+        raise CheckpointError(f"--pretrain {pretrain} does not fit {path} ({fmt}{why}); pass --pretrain "
+                              f"{' or '.join(pretrains)}")
+    with torch.device('meta'):  # the shapes alone, no memory and no init
+        check_fits(models.create_backbone(arch, pretrain, img_size=img_size), sd, leftover, path, fmt)
+    return path, sd, fmt
+
+
+def load_backbone(arch, pretrain='none', path=None, img_size=224, drop_rate=0.0):
+    """models.create_backbone with weights: the file `path` (any format above), else the hub weights of `pretrain`
+    (timm's tag in models.PRETRAIN, from the Hugging Face cache or downloaded), checked by `checked`. pretrain='none'
+    is a random backbone and takes no file. The model also carries .identity ('tensors:<16 hex>' of the tensors as
+    read, 'random' for none), .weights_path and .weights_format."""
+    if arch not in models.ARCHS or pretrain not in models.PRETRAIN:
+        return models.create_backbone(arch, pretrain)  # its ValueError lists the valid names
+    path, sd, fmt = checked(arch, pretrain, path, img_size)
+    if path is None:
         model = models.create_backbone(arch, pretrain, img_size=img_size, drop_rate=drop_rate)
         model.weights_path = model.weights_format = None
         return model
-    sd, fmt, leftover = read_checkpoint(path)
-    with torch.device('meta'):  # the shapes alone, no memory and no init
-        check_fits(models.create_backbone(arch, pretrain, img_size=img_size), sd, leftover, path, fmt)
-    digest = tensor_digest(sd)
     model = models.create_backbone(arch, pretrain, sd, img_size=img_size, drop_rate=drop_rate)
-    model.identity, model.weights_path, model.weights_format = f'tensors:{digest}', path, fmt
+    model.identity, model.weights_path, model.weights_format = f'tensors:{tensor_digest(sd)}', path, fmt
     return model
