@@ -395,10 +395,11 @@ def test_check_prints_task_adaptations_counts(tree, monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, datacheck.main, ['--check', 'vtab-smallnorb_azi', '--data-root', tree])
     lines = out.splitlines()
     assert code == 0 and err == '' and lines[0] == f"vtab-smallnorb_azi: tfds {tree / 'smallnorb' / '2.0.0'}"
-    assert [line.split()[:3] for line in lines[1:]] == [['train800', '800', '18'], ['val200', '200', '18'],
-                                                         ['train800val200', '1000', '18'], ['test', '201', '18']]
+    assert [line.split()[:3] for line in lines[1:-1]] == [['train800', '800', '18'], ['val200', '200', '18'],
+                                                          ['train800val200', '1000', '18'], ['test', '201', '18']]
+    assert lines[-1].startswith('ok: vtab-smallnorb_azi: 4 splits, 2201 listed images')
     rows = datacheck.check('vtab-smallnorb_azi', tree, decode=True, workers=2)
-    assert [r[3] for r in rows] == [line.split()[3] for line in lines[1:]]
+    assert [r[3] for r in rows] == [line.split()[3] for line in lines[1:-1]]
     assert rows[0][3] != datacheck.check('vtab-smallnorb_ele', tree)[0][3]
 
 
