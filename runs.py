@@ -65,7 +65,7 @@ def stop_on_signals():
         if os.getpid() != owner or state['busy']:  # a forked loader worker (the main process stops it), or a stop
             return                                 # already under way
         state['busy'] = True
-        if frame and not frame.f_code.co_filename.startswith(here) and state['tries'] < 200:
+        if frame and os.path.dirname(frame.f_code.co_filename) != here and state['tries'] < 200:  # not a module here
             state['tries'] += 1
             threading.Timer(0.05, again, (signum,)).start()
         else:
