@@ -15,6 +15,7 @@ anticipated failure is a RunError, which `cli` prints as one `error: ...` line (
 SIGTERM and SIGHUP, which stop a run alike).
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -24,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -49,18 +51,33 @@ class Interrupted(RunError):
 
 
 def stop_on_signals():
-    """SIGTERM and SIGHUP (a sweep stopped, a closed terminal, a scheduler's end of job) stop the process as Ctrl-C
-    does: a KeyboardInterrupt in the main thread."""
+    """SIGINT, SIGTERM and SIGHUP (Ctrl-C, a stopped sweep or job, a closed terminal) stop the process alike, once: a
+    KeyboardInterrupt in the main thread, raised where this repository's code runs. Inside a library (a data loader
+    building, stopping or finalising its workers, or passing them a batch) it is delivered again 50 ms later, for
+    10 s at most: there the exception would be lost, or leave workers half stopped and tracebacks behind. Returns
+    the handlers it replaced."""
+    here, owner, state = os.path.dirname(os.path.abspath(__file__)), os.getpid(), dict(tries=0, busy=False)
+
+    def again(signum):
+        state['busy'] = False
+        os.kill(owner, signum)
+
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, interrupt)
+        if os.getpid() != owner or state['busy']:  # a forked loader worker (the main process stops it), or a stop
+            return                                 # already under way
+        state['busy'] = True
+        if frame and os.path.dirname(frame.f_code.co_filename) != here and state['tries'] < 200:  # not a module here
+            state['tries'] += 1
+            threading.Timer(0.05, again, (signum,)).start()
+        else:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+    return {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
 
 def cli(main_fn):
     """Run main_fn on the command line. An anticipated failure (RunError, an unreadable image, Ctrl-C, SIGTERM,
     SIGHUP) prints one `error: ...` line, no traceback, and exits with status 1 (130 when interrupted)."""
-    stop_on_signals()
+    handlers = stop_on_signals()
     try:
         main_fn(sys.argv[1:])
     except (RunError, data.ImageError) as e:
@@ -69,6 +86,9 @@ def cli(main_fn):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:  # as they were (tests call cli in their own process)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def resolve_device(name):
@@ -178,12 +198,15 @@ def lock(out):
     f = open(os.path.join(out, '.lock'), 'a+')
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        pid = f.read().strip() or '?'
-        f.close()
-        raise RunError(f"{out} is in use by process {pid}, which holds {os.path.join(out, '.lock')}; wait for it to "
-                       f"end, or stop it (kill {pid}) and continue with --resume") from None
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a filesystem without POSIX locks (some clusters)
+            warn(f"cannot lock {f.name} ({e.strerror}): nothing keeps a second process out of {out}")
+        else:
+            f.seek(0)
+            pid = f.read().strip() or '?'
+            f.close()
+            raise RunError(f"{out} is in use by process {pid}, which holds {f.name}; wait for it to end, or stop it "
+                           f"(kill {pid}) and continue with --resume") from None
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()

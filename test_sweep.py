@@ -296,7 +296,7 @@ def test_signals_stop_the_cells_and_no_cell_outlives_its_sweep(tmp_path):
     train.py's interrupted line) and leave no process behind; the cell of a SIGKILLed sweep ends alike. A second
     sweep on a running sweep's directory is refused, naming the pid that holds it."""
     endless = ['--', '--epochs', '1000', '--max-steps-per-epoch', '2', '--batch-size', '16', '--eval-every', '1000',
-               '--workers', '0', '--log-interval', '1']
+               '--workers', '2', '--log-interval', '1']
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL)
     args = {s: TINY + ['--data', 'digits', '--lr', '0.1', '--wd', '0', '--seeds', '0', '--out', str(tmp_path / s.name)]
             for s in sigs}

@@ -1,7 +1,7 @@
 """Tests for train.py and eval.py on the CPU: a tiny random ViT (vit_nano_patch8: dim 32, depth 2) on the offline
 digits set at 16 px, a few steps per run.
 
-Run: python -m pytest -q test_train.py     (33 tests, about 80 s on a shared 2-core CPU)
+Run: python -m pytest -q test_train.py     (49 tests, about 2 minutes on a shared 2-core CPU)
 
 Most runs call train.main([...]) in-process with one torch thread (with 2 threads on a 2-core CPU whose other
 core is busy, these tiny models ran up to ~30x slower). The torchrun and CLI runs are subprocesses started at the
@@ -680,9 +680,12 @@ def test_warmup_warning_and_first_progress_line(tmp_path, capsys):
 
 
 def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
+    """With loader workers (--workers 2): a SIGINT that lands while a loader starts or stops its workers is delivered
+    again where train.py's own code runs, so it is never lost in a finalizer nor leaves a traceback."""
     out = tmp_path / 'run'
-    args = TINY[:-2] + ['--method', 'vpt', '--prompts', '4', '--epochs', '1000', '--max-steps-per-epoch', '2',
-                        '--batch-size', '16', '--eval-every', '1000', '--log-interval', '1', '--out', str(out)]
+    args = TINY[:-4] + ['--workers', '2', '--method', 'vpt', '--prompts', '4', '--epochs', '1000',
+                        '--max-steps-per-epoch', '2', '--batch-size', '16', '--eval-every', '1000', '--log-interval',
+                        '1', '--out', str(out)]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=HERE, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -760,7 +763,7 @@ def test_linear_grid_refusals(tmp_path):
         train.main(LINEAR_GRID + ['--lr', '0.1', '--wd', '0,0.01', '--epochs', '1', '--out', str(tmp_path / 'g')])
 
 
-def test_one_process_per_run_directory(tmp_path):
+def test_one_process_per_run_directory(tmp_path, monkeypatch, capsys):
     """A run directory held by a live process (its pid in <out>/.lock, as runs.lock writes it) is refused with one
     line naming that pid, for a run and for a grid's cell; once the holder is SIGKILLed, the same command runs."""
     args = TINY + ['--method', 'linear', '--epochs', '1', '--max-steps-per-epoch', '1', '--batch-size', '16']
@@ -782,6 +785,16 @@ def test_one_process_per_run_directory(tmp_path):
         holder.wait()
     assert train.main(args + ['--lr', '0.1', '--out', str(tmp_path / 'run')])['epochs'] == 1
     assert len(train.main(args + ['--lr', '0.1,0.2', '--out', str(tmp_path / 'grid')])) == 2
+    import errno  # a filesystem without POSIX locks: a warning, and the run goes on unguarded
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(runs.fcntl, 'lockf', no_locks)
+    capsys.readouterr()
+    runs.lock(tmp_path / 'nolock')
+    runs.unlock()
+    assert capsys.readouterr().err == f"warning: cannot lock {tmp_path / 'nolock' / '.lock'} (No locks available): " \
+                                      f"nothing keeps a second process out of {tmp_path / 'nolock'}\n"
 
 
 def test_linear_grid_with_augmentation_equals_separate_runs(tmp_path, monkeypatch):

@@ -206,7 +206,7 @@ def sincos_pos_embed(D, grid, moco=False):
 
 
 def test_a_file_that_contradicts_pretrain_is_refused(tmp_path):
-    """The format and the pos_embed tell what a file was trained as (README, 'Weights'): an MAE file as in21k, a
+    """The format and the pos_embed tell what a file was trained as (README, 'Get the files'): an MAE file as in21k, a
     supervised file as mae, an MAE file as mocov3 are one error line naming the --pretrain the file fits."""
     src = timm_vit(MICRO, 32, perturb=True)
     sd = {k: v for k, v in src.state_dict().items() if not k.startswith('head.')}
