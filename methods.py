@@ -686,8 +686,9 @@ class SA2VP(Tuner):
         self.ppt = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, N1, t), std=0.02))        # (1, 1+N, t)
         self.ppt_proj = nn.Linear(t, D)
         self.adapters = nn.ModuleList([Adapter(D, t, drop) for _ in backbone.blocks])
-        self.deep_scale = nn.Parameter(torch.randn(len(self.deep_layers), D) * 0.02)  # e_k ('cross_conv')
-        self.deep_ppt = nn.Parameter(nn.init.trunc_normal_(torch.empty(len(self.deep_layers), 1, N1, t), std=0.02))
+        if self.deep_layers:  # a backbone of fewer than 5 blocks has none (DDP refuses empty parameters)
+            self.deep_scale = nn.Parameter(torch.randn(len(self.deep_layers), D) * 0.02)  # e_k ('cross_conv')
+            self.deep_ppt = nn.Parameter(nn.init.trunc_normal_(torch.empty(len(self.deep_layers), 1, N1, t), std=0.02))
         self.deep_proj = nn.ModuleList([nn.Linear(t, D) for _ in self.deep_layers])
         for fc in [self.ppt_proj, *self.deep_proj]:
             nn.init.xavier_uniform_(fc.weight)
