@@ -429,7 +429,7 @@ def run(args, command):
             r['arm'] += ' (default)'
             compared = {methods.init_options(methods.METHODS[o])['prompts'] for o in args.methods  # a target's P
                         if methods.METHODS[o].bench.get('target', ('',))[0] == m}
-            for P in sorted(set(args.prompts) | compared - {r['prompts']}):
+            for P in sorted((set(args.prompts) | compared) - {r['prompts']}):
                 add_method(f"{m} P={P}", 'prompts', m, {'prompts': P})
         for label, options in cls.bench.get('variants', {}).items():   # e.g. without dropout: its share of the time
             if set(options) <= set(methods.init_options(cls)):   # (a subclass may have dropped the option)

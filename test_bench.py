@@ -138,14 +138,15 @@ def test_markdown_table(run):
 
 def test_json_mode(capsys):
     results = bench.main(['--arch', ARCH, '--img-size', str(IMG), '--batch-size', '2', '--iters', '1',
-                          '--warmup', '0', '--methods', 'vpt', '--prompts', '2', '--threads', '1', '--json',
-                          '--loader-images', '0'])
+                          '--warmup', '0', '--methods', 'vpt', '--prompts', '2,50', '--threads', '1', '--json',
+                          '--loader-images', '0'])   # 50: VPT's default P, which has its row once
     out = capsys.readouterr().out
     parsed = json.loads(out)   # stdout holds the JSON and nothing else
     assert isinstance(parsed, list) and all(isinstance(d, dict) for d in parsed)
     assert parsed == json.loads(json.dumps(results))
     assert parsed[0]['arm'] == 'meta'
     assert {r['role'] for r in parsed[1:]} == {'backbone', 'timm', 'method', 'prompts', 'grad-ckpt'}
+    assert [r['prompts'] for r in parsed[1:] if r['method'] == 'vpt' and r['role'] != 'grad-ckpt'] == [50, 2]
 
 
 def test_grad_checkpointing_rows(run):
