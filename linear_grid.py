@@ -86,7 +86,7 @@ def features(model, ds, cfg, device, dtype):
     return TensorDataset(torch.cat(f), torch.cat(ys))
 
 
-def run(cfg, device, log=print):
+def run(cfg, device, log=runs.say):
     """Train every cell of the grid; returns their result.json dicts."""
     if cfg['resume'] or cfg['accum'] != 1 or cfg['compile'] or cfg['decoded_cache'] or 'WORLD_SIZE' in os.environ:
         raise RunError("a --lr/--wd grid runs on one process without --resume, --accum, --compile or --decoded-cache; "
@@ -146,7 +146,7 @@ def run(cfg, device, log=print):
                 identity=model.backbone.identity, method=cfg['method'], wall_time_s=time.time() - t_run))
         shown = ', '.join('-' if a is None or not ok else f"{a:.1f}" for a, ok in zip(acc, live))
         log(f"epoch {epoch + 1}/{cfg['epochs']}: {cfg['eval_split_name']} accuracy per head {shown}; "
-            f"{time.time() - t0:.1f}s", flush=True)
+            f"{time.time() - t0:.1f}s")
     results = []
     for k, c in enumerate(cells):
         if live[k]:

@@ -301,6 +301,13 @@ def check_resumed(ckpt, cfg, identity):
                        f"({was['source']}, {was['dir']}); pass the --vtab-source / --data-root it read ({cfg['out']})")
 
 
+def say(line):
+    """print(line), flushed, in one write: a stop (Ctrl-C, SIGTERM) can land between print's text and its newline,
+    and the `error: interrupted ...` line would then continue a half line of the log."""
+    sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()
+
+
 def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 

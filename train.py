@@ -294,7 +294,7 @@ def train_epoch(model, step_fn, loader, opt, scaler, step, epoch, cfg, sched, de
         step, loss_sum = step + 1, loss_sum + step_loss
         if cfg['log_interval'] and (s == 0 or step % cfg['log_interval'] == 0 or s == steps - 1):
             log(runs.progress(cfg, epoch, s, steps, step_loss, opt.param_groups[0]['lr'], images, t0,
-                              total_steps - step, device), flush=True)
+                              total_steps - step, device))
     return step, loss_sum / steps, images / (time.time() - t0)
 
 
@@ -321,7 +321,7 @@ def start(model, opt, scaler, ckpt, cfg, micro, rank, world, log):
 def run(cfg, explicit, rank, world, device):
     """One training run: the run directory, data, model, optimizer, then the epochs. Returns result.json's dict
     (None when stopped by --stop-after-epoch)."""
-    t_run, log = time.time(), print if rank == 0 else (lambda *a, **k: None)
+    t_run, log = time.time(), runs.say if rank == 0 else (lambda *a, **k: None)
     cfg, ckpt, done = runs.open_run_dir(cfg, explicit, rank)  # a fresh start, an overwrite or a resume
     if done:  # resumed after the last epoch: its result.json stands
         return done
@@ -364,7 +364,7 @@ def run(cfg, explicit, rank, world, device):
                    lr=opt.param_groups[0]['lr'], images_per_s=rate, peak_mem_mb=runs.peak_memory_mb(device),
                    time=time.time() - t0)
         log(f"epoch {epoch + 1}: train loss {loss:.4f}, {cfg['eval_split_name']} accuracy "
-            f"{'-' if acc is None else format(acc, '.2f')}%, {row['time']:.1f}s", flush=True)
+            f"{'-' if acc is None else format(acc, '.2f')}%, {row['time']:.1f}s")
         runs.save_epoch(cfg['out'], row, rank, dict(  # every process's RNG state too: a collective under DDP
             model=methods.tuned_state_dict(model), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
             epoch=epoch + 1, args=record, identity=model.backbone.identity, method=cfg['method'],
