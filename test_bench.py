@@ -216,7 +216,6 @@ def test_help_shows_every_default_and_device(capsys):
 
 
 def test_device_and_amp_follow_train_py(capsys):
-    import train
     if not torch.cuda.is_available():
         with pytest.raises(runs.RunError, match='--device cuda: torch sees no CUDA device'):
             bench.main(['--device', 'cuda'])

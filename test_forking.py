@@ -109,6 +109,16 @@ def test_a_new_method_works_with_train_eval_bench(registered, tmp_path, capsys):
     assert any(r['method'] == 'tempered' and r['role'] == 'grad-ckpt' for r in rows)
 
 
+def registering_site(tmp_path):
+    """A folder whose sitecustomize module registers Tempered: on PYTHONPATH, every child python knows the method."""
+    site = tmp_path / 'site'
+    site.mkdir()
+    code = (f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport methods\n"
+            "from test_forking import Tempered\nmethods.METHODS['tempered'] = Tempered\n")
+    (site / ('sitecustomize' + '.py')).write_text(code)
+    return site
+
+
 def test_a_new_method_works_with_sweep(registered, tmp_path, capsys, monkeypatch):
     fixed = ['--', '--epochs', '1', '--max-steps-per-epoch', '2', '--batch-size', '32', '--warmup-epochs', '0',
              '--workers', '0', '--log-interval', '0']
@@ -118,10 +128,7 @@ def test_a_new_method_works_with_sweep(registered, tmp_path, capsys, monkeypatch
     dry = capsys.readouterr().out
     assert 'tempered on 1 datasets' in dry and str(len(methods.VPT.sweep_grid['lr']) * 4) in dry  # VPT's grid
     # a real sweep: its train.py processes learn of the class the way a fork's would, from an imported module
-    site = tmp_path / 'site'
-    site.mkdir()
-    (site / ('sitecustomize' + '.py')).write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport methods\n"
-                                           f"from test_forking import Tempered\nmethods.METHODS['tempered'] = Tempered\n")
+    site = registering_site(tmp_path)
     monkeypatch.setenv('PYTHONPATH', str(site))
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     assert sweep.main(args + ['--lr', '0.1', '--wd', '0'] + fixed) == 0
@@ -132,10 +139,7 @@ def test_a_new_method_works_with_sweep(registered, tmp_path, capsys, monkeypatch
 
 def test_sitecustomize_reaches_a_child_process(tmp_path):
     """The mechanism the sweep test relies on: a child python sees the registered class."""
-    site = tmp_path / 'site'
-    site.mkdir()
-    (site / ('sitecustomize' + '.py')).write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport methods\n"
-                                           f"from test_forking import Tempered\nmethods.METHODS['tempered'] = Tempered\n")
+    site = registering_site(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(site))
     r = subprocess.run([sys.executable, '-c', "import methods; print('tempered' in methods.METHODS)"], cwd=HERE,
                        env=env, capture_output=True, text=True, timeout=120)

@@ -361,12 +361,13 @@ def test_window_attention_equals_per_query_loop(grid, c):
     assert mask.shape == (T, T) and mask.dtype == torch.bool
     if c == 3 and grid == (14, 14):
         assert sorted(set(mask[1:].sum(1).tolist())) == [4, 6, 9]   # corners, edges, interior
-    close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), loop_attention(q, k, v, allowed_keys(grid, c)), 1e-12)
+    ref = loop_attention(q, k, v, allowed_keys(grid, c))
+    close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), ref, 1e-12)
 
 
 def cross_ref(model, l, kv, q, keys):
-    """Cross block l (SA²VP's Cross_Block: CrossAttention + Mlp_small): block l's norm1 and qkv/proj weights, loop window attention,
-    residual on the raw query tokens, then the adapter (LN -> fc1 -> GELU -> fc2), no residual."""
+    """Cross block l (SA²VP's Cross_Block: CrossAttention + Mlp_small): block l's norm1 and qkv/proj weights, loop
+    window attention, residual on the raw query tokens, then the adapter (LN -> fc1 -> GELU -> fc2), no residual."""
     blk = model.backbone.blocks[l]
     B, T, D = q.shape
     H = blk.attn.num_heads
