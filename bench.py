@@ -18,7 +18,7 @@ straddle it (noise decides: run more --iters on a quieter machine). The targets,
   ours / timm fwd+bwd <= 1.05  models.py is a readable copy of timm's ViT on the same kernels: at most 5% slower.
   VPT, SPT <= 1.1 x (N+P)/N    of the backbone (N = 197 for ViT-B/16): prompts only lengthen the sequence (+10%).
   LSPT <= 1.3 x VPT-deep       at the same P: its shared LSTMCell adds 19% forward FLOPs at P = 100 for ViT-B.
-  SA²VP <= 2.4 x backbone      ours does ~2.3x a backbone's FLOPs (80.4 vs 35.1 G for ViT-B; the official ~2.5x).
+  SA²VP <= 2.4 x backbone      ours does ~2.3x a backbone's FLOPs (80.2 vs 35.1 G for ViT-B; the official ~2.5x).
   SPT init / epoch             kmeans <= 1, random/mean/max <= 0.25: an init must not dominate a run.
 The loader table: images/s of one worker on folder JPEGs, the same files as TFDS records, FGVC's decoded cache.
 --loader-only: that table alone. --linear-grid: see linear_grid(). --json: the list main(argv) returns.
