@@ -372,24 +372,9 @@ def main(argv=None):
         torch.set_num_threads(threads)   # an in-process caller (the tests) keeps its own setting
 
 
-def run(args, command):
-    t_start, threads = time.perf_counter(), torch.get_num_threads()
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    device = runs.resolve_device(args.device)
-    if args.loader_only:
-        loader = loader_rows(args, device, log)
-        print(json.dumps(loader, indent=1) if args.json else loader_markdown(loader))
-        return loader
-    torch.manual_seed(args.seed)
-    dtype = train.amp_dtype(args.amp, device)
-    amp = {None: 'none', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
-    base = models.create_backbone(args.arch, 'none', img_size=args.img_size)
-    x1 = torch.randn(1, 3, args.img_size, args.img_size, device=device)   # FLOPs are counted at batch 1
-
-    # the rows, their GFLOPs counted, and their timed phases [(row, 'fwd' or 'train', step(x, y))]
-    rows, phases = [], []
+def build_rows(args, base, device, autocast, scaler):
+    """The rows, their GFLOPs counted, and their timed phases [(row, 'fwd' or 'train', step(x, y))]."""
+    rows, phases, x1 = [], [], torch.randn(1, 3, args.img_size, args.img_size, device=device)  # FLOPs: at batch 1
 
     def add(r, forward=None, step=None, flops=None):
         """forward(x) makes the fwd phase (eval, no_grad) and is what the FLOPs count, unless flops() is given."""
@@ -446,7 +431,6 @@ def run(args, command):
         model = methods.build_model(m, copy.deepcopy(base), args.num_classes).to(device)
         for s in methods.METHODS[m].bench['init']:
             r = row(f"{m} init {s}", 'init', m, {}, model, images=args.spt_images, strategy=s)
-
             def init(x, y, s=s, r=r, model=model):   # bound now, as the loop goes on
                 imgs.reads = 0
                 with autocast():
@@ -456,13 +440,12 @@ def run(args, command):
         d, steps = defaults[m][1], math.ceil(args.spt_images / args.batch_size)
         add(row(f'{m} epoch (estimated)', 'epoch', m, {}, model, gflops=d['gflops'], steps=steps, of=d,
                 note=f"{steps} steps x median {m} train step"))
+    return rows, phases
 
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    y = torch.randint(args.num_classes, (args.batch_size,), device=device)
 
-    # timing: round-robin over the phases from a start that rotates each round; the SPT inits in the last rounds only
+def measure(args, phases, x, y, device, log):
+    """Times of each phase, round-robin from a rotating start (SPT inits: the last rounds), then its peak memory."""
     n = args.warmup + args.iters
-    log(f"{len(rows)} rows built, FLOPs counted; {len(phases)} phases, {args.warmup} warm-up + {args.iters} rounds")
     for it in range(n):
         t_round, shift = time.perf_counter(), it % len(phases)
         for r, key, fn in phases[shift:] + phases[:shift]:
@@ -472,18 +455,35 @@ def run(args, command):
             if it >= args.warmup:
                 r[key + '_times_ms'].append(t * 1e3)
         log(f"round {it + 1}/{n}{' (warm-up)' if it < args.warmup else ''}: {time.perf_counter() - t_round:.1f} s")
-
-    # peak memory: one more call of every phase; glibc's mmap and trim thresholds low meanwhile (freed tensors leave)
     set_malloc = lambda mmap, trim: device.type == 'cpu' and LIBC and LIBC.mallopt(-3, mmap) and LIBC.mallopt(-1, trim)
-    set_malloc(64 << 10, 128 << 10)
+    set_malloc(64 << 10, 128 << 10)   # low glibc mmap and trim thresholds meanwhile: freed tensors leave the RSS
     for r, key, fn in phases:
         r[f"mem_{key}_mb"] = peak_memory_mb(lambda: fn(x, y), device)
     set_malloc(32 << 20, 64 << 20)
-    memory = ('CUDA max_memory_allocated above the allocation before the call' if device.type == 'cuda' else
-              'peak RSS above the RSS before the call (VmHWM, reset before it; glibc mmap threshold 64 KiB, so freed '
-              'tensors leave the RSS; existing weights and optimizer state not counted)')
-    log('memory pass done')
+    return ('CUDA max_memory_allocated above the allocation before the call' if device.type == 'cuda' else
+            'peak RSS above the RSS before the call (VmHWM, reset before it; glibc mmap threshold 64 KiB, so freed '
+            'tensors leave the RSS; existing weights and optimizer state not counted)')
 
+
+def run(args, command):
+    t_start, threads = time.perf_counter(), torch.get_num_threads()
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    device = runs.resolve_device(args.device)
+    if args.loader_only:
+        loader = loader_rows(args, device, log)
+        print(json.dumps(loader, indent=1) if args.json else loader_markdown(loader))
+        return loader
+    torch.manual_seed(args.seed)
+    dtype = train.amp_dtype(args.amp, device)
+    amp = {None: 'none', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
+    base = models.create_backbone(args.arch, 'none', img_size=args.img_size)
+    rows, phases = build_rows(args, base, device, autocast, scaler)
+    log(f"{len(rows)} rows built, FLOPs counted; {len(phases)} phases, {args.warmup} warm-up + {args.iters} rounds")
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(args.num_classes, (args.batch_size,), device=device)
+    memory = measure(args, phases, x, y, device, log)   # what the memory column measures
     summarise(rows, base)
     loader = loader_rows(args, device, log) if args.loader_images > 0 else []
     meta = dict(arm='meta', command=command, torch=torch.__version__, timm=timm.__version__, threads=threads,
