@@ -171,12 +171,14 @@ def intended_config(argv):
 
 
 def check_first(spec):
-    """Before any cell: the files of every dataset with cells left (the splits both phases read, as `data.py --check`
-    checks them) and the weights, resolved once (the hub asked once, not by every cell); a SweepError otherwise."""
+    """Before any cell: the files of every dataset with cells left (the splits both phases read, from the VTAB-1k
+    source the cells will read, as `data.py --check` checks them) and the weights, resolved once (the hub asked
+    once, not by every cell); a SweepError otherwise."""
+    source = intended_config(['--method', spec['method'], '--data', 'digits'] + spec['extra'])['vtab_source']
     try:
         for name in [n for n in spec['data'] if todo(spec, n)]:
             splits = dict.fromkeys(s for split in ('val', 'test') for s in data.split_names(name, split))
-            datacheck.check(name, spec['data_root'], splits=list(splits))
+            datacheck.check(name, spec['data_root'], source=source, splits=list(splits))
         weights.checked(spec['arch'], spec['pretrain'], spec['weights'], spec['img_size'])
     except (FileNotFoundError, ValueError, weights.CheckpointError) as e:  # each names the dataset or the file
         raise SweepError(str(e)) from None

@@ -504,3 +504,29 @@ def test_resume_reads_the_same_examples(tree, tmp_path, monkeypatch, capsys):
     assert code == 1 and err.startswith('error: cannot resume: the data read now (tfds, ') and '(folder, ' in err
     result = train.main(['--resume', '--out', str(out), '--vtab-source', 'folder'])
     assert result['config']['data_source']['source'] == 'folder' and result['epochs'] == 2
+
+
+def test_sweep_reads_either_source(tree, tmp_path, monkeypatch, capsys):
+    """sweep.py --data vtab-<task> runs on TFDS's files by default and on NOAH's folders with `-- --vtab-source
+    folder`; its check before any cell reads the source the cells will read."""
+    import sweep
+    root = tmp_path / 'data'
+    code, _, _ = cli(monkeypatch, capsys, tfds.main, ['--export', 'vtab-dtd', '--data-root', tree, '--out', root])
+    assert code == 0
+    tiny = ['--method', 'linear', '--arch', 'vit_nano_patch8', '--pretrain', 'none', '--img-size', '16', '--data',
+            'vtab-dtd', '--lr', '0.1', '--wd', '0', '--seeds', '0']
+    fixed = ['--epochs', '1', '--max-steps-per-epoch', '1', '--batch-size', '100', '--workers', '0', '--log-interval',
+             '0', '--warmup-epochs', '0']
+    with pytest.raises(sweep.SweepError, match=f"{root}.*dtd"):  # TFDS asked for where there are only folders
+        sweep.main(tiny + ['--data-root', str(root), '--out', str(tmp_path / 'none'), '--', '--vtab-source', 'tfds']
+                   + fixed)
+    assert not (tmp_path / 'none').exists()
+    shutil.copytree(tree / 'dtd', root / 'dtd')  # now both sources
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    for source, flags in (('tfds', []), ('folder', ['--vtab-source', 'folder'])):
+        out = tmp_path / source
+        assert sweep.main(tiny + ['--data-root', str(root), '--out', str(out), '--'] + flags + fixed) == 0
+        for phase in ('val', 'test'):
+            cell = next((out / 'vtab-dtd' / phase).glob('*/result.json'))
+            assert json.loads(cell.read_text())['config']['data_source']['source'] == source, (source, phase)
+        assert json.loads((out / 'results.json').read_text())['rows'][0]['n'] == 1
