@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS as IMAGE_SUFFIXES  # ImageFolder's
 
 import tfds
 
@@ -69,7 +70,6 @@ PIPELINES = {'default': None, 'vpt': (IMAGENET_MEAN, IMAGENET_STD), 'sa2vp': (IN
              'spt': (IMAGENET_MEAN, IMAGENET_STD)}  # VTAB's input pipelines (build_transform) -> mean/std
 
 DATASETS = list(FGVC) + [f'vtab-{t}' for t in VTAB] + ['digits', 'imagefolder']
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')  # torchvision's
 
 
 def _kind(name):

@@ -75,7 +75,8 @@ def check(name, root=None, decode=False, workers=None, source=None, splits=None)
             problems.append(f"{split}: {len(missing)} of {len(ds.samples)} image files are missing, e.g.\n    "
                             + '\n    '.join(missing[:10]))
         if decode and kind != 'digits':
-            todo = {p: i for i, (p, _) in enumerate(ds.samples) if p not in seen and p not in missing}  # once each
+            gone = set(missing)
+            todo = {p: i for i, (p, _) in enumerate(ds.samples) if p not in seen and p not in gone}  # once each
             seen.update(todo)
             read = unreadable if ds.source == 'folder' else lambda key, ds=ds: unreadable_record(ds, todo[key])
             with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
