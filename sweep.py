@@ -229,8 +229,7 @@ class Cell:
         if os.path.isfile(path):
             recorded = self.result()['config']
         elif os.path.isfile(ckpt):
-            import torch
-            path, recorded = ckpt, torch.load(ckpt, map_location='cpu', weights_only=True)['args']
+            path, recorded = ckpt, runs.read_run(self.dir)[1]
         else:
             return
         want, skip = intended_config(self.args), runs.RESUME_OVERRIDES | {'device'}
@@ -374,6 +373,7 @@ def execute(spec, launcher):
                     continue
                 del running[key]
                 durations.append(time.time() - t0)
+                error = None  # the log's error line, read once for the task's failed cells
                 for c in task.cells:
                     res = c.result()
                     if rc == 0 and res is not None:
@@ -381,7 +381,8 @@ def execute(spec, launcher):
                     else:
                         failed.append(c)
                         os.makedirs(c.dir, exist_ok=True)
-                        why = f"exit status {rc}" + (f": {last_error(task.log)}" if last_error(task.log) else '')
+                        error = last_error(task.log) if error is None else error
+                        why = f"exit status {rc}" + (f": {error}" if error else '')
                         with open(c.failed_path, 'w') as f:
                             f.write(f"{why}; log: {task.log}\n")
                         c.log, what = task.log, f"FAILED ({why}), log {task.log}"
@@ -586,13 +587,5 @@ def main(argv):
     return 1 if failed else 0
 
 
-if __name__ == '__main__':
-    runs.stop_on_signals()  # SIGTERM, SIGHUP: as Ctrl-C
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except runs.RunError as e:  # a SweepError, or another sweep that holds --out
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(130 if isinstance(e, runs.Interrupted) else 1)
-    except KeyboardInterrupt:  # before or after the cells ran
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+if __name__ == '__main__':  # a SweepError, another sweep that holds --out, Ctrl-C / SIGTERM / SIGHUP: one line
+    runs.cli(lambda argv: sys.exit(main(argv)))
