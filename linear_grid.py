@@ -119,16 +119,14 @@ def run(cfg, device, log=runs.say):
     log(f"linear grid on {cfg['data']} ({cfg['train_split']} -> {cfg['eval_split_name']}), backbone "
         f"{model.backbone.identity}: {len(cells)} heads (lr {','.join(f'{v:g}' for v in lrs)} x wd "
         f"{','.join(f'{v:g}' for v in wds)}), {tuned:,} tuned parameters each; {how}; out {cfg['out']}")
-    records = [dict(c, backbone_identity=model.backbone.identity, world_size=1, micro_batch=cfg['batch_size'],
-                    steps_per_epoch=sched[0], amp_dtype=str(dtype or torch.float32).replace('torch.', ''),
-                    model_options=methods.built_options(model), grid_features='cached' if cached else 'per batch')
-               for c in cells]
+    records = [runs.run_record(c, model, 1, cfg['batch_size'], sched[0], dtype,
+                               grid_features='cached' if cached else 'per batch') for c in cells]
 
     step, quiet = 0, dict(cfg, log_interval=0)
     for epoch in range(cfg['epochs']):
         t0 = time.time()
         heads.loss_sum.zero_()
-        step, _, rate = train.train_epoch(heads, train.LossModule(heads), train_loader, opt, scaler, step, epoch,
+        step, _, rate = train.train_epoch(heads, heads.loss, train_loader, opt, scaler, step, epoch,
                                           quiet, sched, device, dtype, log)
         final = epoch + 1 == cfg['epochs']
         acc = train.evaluate(heads, eval_loader, device, dtype) if final or (epoch + 1) % cfg['eval_every'] == 0 \

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import methods
 
 # what --resume may change (data: as long as check_resumed finds the same examples); every other explicitly given
 # flag must equal the checkpoint's value
@@ -295,8 +296,8 @@ def check_resumed(ckpt, cfg, identity):
     if ckpt['identity'] != identity:
         raise RunError(f"cannot resume: the backbone is {identity}, but the checkpoint was trained on "
                        f"{ckpt['identity']} ({cfg['out']})")
-    was, now = ckpt['args'].get('data_source'), cfg.get('data_source')
-    if was and now and was['fingerprint'] != now['fingerprint']:  # e.g. VTAB-1k's TFDS files added since
+    was, now = ckpt['args']['data_source'], cfg['data_source']
+    if was['fingerprint'] != now['fingerprint']:  # e.g. VTAB-1k's TFDS files added since
         raise RunError(f"cannot resume: the data read now ({now['source']}, {now['dir']}) are not the checkpoint's "
                        f"({was['source']}, {was['dir']}); pass the --vtab-source / --data-root it read ({cfg['out']})")
 
@@ -387,10 +388,10 @@ def rng_states():
     return states
 
 
-def restore_rng(states, rank, world, log=print):
+def restore_rng(states, rank, world):
     set_rng_state(states[rank] if len(states) == world else states[0])
-    if len(states) != world:
-        log(f"warning: the checkpoint holds RNG states of {len(states)} processes, this run has {world}")
+    if len(states) != world and rank == 0:
+        warn(f"the checkpoint holds RNG states of {len(states)} processes, this run has {world}")
 
 
 def atomic_save(obj, path):
@@ -446,6 +447,14 @@ def data_record(*datasets):
     ds = datasets[0]
     return dict(source=ds.source, dir=ds.root and str(ds.root), tfds_version=getattr(ds, 'version', None),
                 fingerprint={d.split: datacheck.fingerprint(d) for d in datasets})
+
+
+def run_record(cfg, model, world, micro, steps_per_epoch, dtype, **extra):
+    """The configuration as a run ran it (last.pt's 'args', result.json's 'config'): cfg, the backbone's identity,
+    processes, micro-batch, steps per epoch, the autocast dtype and the model's options, read back."""
+    return dict(cfg, backbone_identity=model.backbone.identity, world_size=world, micro_batch=micro,
+                steps_per_epoch=steps_per_epoch, amp_dtype=str(dtype or torch.float32).replace('torch.', ''),
+                model_options=methods.built_options(model), **extra)
 
 
 def result_record(config, accuracy, tuned, total, wall_time_s, device):

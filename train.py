@@ -151,10 +151,10 @@ def parse_args(argv=None):
     return cfg, explicit
 
 
-def datasets(cfg, train_transform=True):
+def datasets(cfg):
     """(train dataset, eval dataset), read before the weights: a missing folder or file, a bad label: a RunError."""
     try:
-        return (data.build_dataset(cfg['data'], cfg['train_split'], train=train_transform, **data.dataset_kwargs(cfg)),
+        return (data.build_dataset(cfg['data'], cfg['train_split'], train=True, **data.dataset_kwargs(cfg)),
                 data.build_dataset(cfg['data'], cfg['eval_split_name'], **data.dataset_kwargs(cfg)))
     except (FileNotFoundError, ValueError) as e:
         raise RunError(f"--data {cfg['data']}: {e}") from None
@@ -306,11 +306,11 @@ def start(model, opt, scaler, ckpt, cfg, micro, rank, world, log):
         runs.load_tuned(model, ckpt['model'], cfg['out'])
         opt.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
-        runs.restore_rng(ckpt['rng'], rank, world, log)  # dropout, augmentation, loader seeds: as if never stopped
+        runs.restore_rng(ckpt['rng'], rank, world)  # dropout, augmentation, loader seeds: as if never stopped
         log(f"resuming {cfg['out']} after epoch {ckpt['epoch']} (step {ckpt['step']})")
         return ckpt['epoch'], ckpt['step'], ckpt['wall_time_s']
     if hasattr(model, 'init_prompts'):  # SPT: prompts from the training images, eval transform, every rank alike
-        t0, ds = time.time(), datasets(cfg, train_transform=False)[0]
+        t0, ds = time.time(), data.build_dataset(cfg['data'], cfg['train_split'], **data.dataset_kwargs(cfg))
         model.init_prompts(data.build_loader(ds, micro, False, cfg['workers']),
                            generator=torch.Generator().manual_seed(cfg['seed']))
         log(f"{cfg['method']} prompt init on {len(ds)} {cfg['train_split']} images: {time.time() - t0:.1f}s")
@@ -339,9 +339,7 @@ def run(cfg, explicit, rank, world, device):
     dtype = amp_dtype(cfg['amp'], device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     epoch0, step, wall_before = start(model, opt, scaler, ckpt, cfg, micro, rank, world, log)
-    record = dict(cfg, backbone_identity=model.backbone.identity, world_size=world, micro_batch=micro,
-                  steps_per_epoch=sched[0], amp_dtype=str(dtype or torch.float32).replace('torch.', ''),
-                  model_options=methods.built_options(model))
+    record = runs.run_record(cfg, model, world, micro, sched[0], dtype)
     tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(f"{cfg['method']} on {cfg['data']} ({cfg['train_split']} -> {cfg['eval_split_name']}, {train_ds.source}), "
