@@ -97,8 +97,10 @@ class Tuner(nn.Module):
     def block(self, i, x):
         """Frozen block i on tokens x (B, T, D), as every method runs a block: with the change of its attention logits
         that attention(i, x) gives, checkpointed under --grad-checkpointing (see block_call)."""
-        bias, scale = self.attention(i, x)
-        return self.block_call(self.backbone.blocks[i], x, bias, scale)
+        blk, (bias, scale) = self.backbone.blocks[i], self.attention(i, x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, bias, scale, use_reentrant=False)
+        return blk(x, bias, scale)
 
     def attention(self, i, x):
         """(bias, scale) of block i's attention logits on tokens x (models.Attention.attend): None, None = unchanged.
